@@ -1,0 +1,1 @@
+"""The router service: worker registry, load balancing, engine health, retries and middlewares."""

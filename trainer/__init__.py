@@ -1,0 +1,1 @@
+"""The trainer: the RL loop, algorithms, training backends, checkpoints and weight sync."""
