@@ -1,0 +1,1 @@
+"""Rollout scheduling on the trainer side: the queue-backed rollout, eval, filters and the buffer-fed rollout."""
