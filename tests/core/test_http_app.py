@@ -88,7 +88,8 @@ def test_metrics_parse_and_count_requests(open_url: str) -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = families["slime_http_requests"].samples
     assert any(
-        s.labels.get("route") == "/items" and s.labels.get("status") == "200" and s.value >= 1 for s in samples
+        s.labels.get("route") == "/items" and s.labels.get("status") == "200" and s.value >= 1
+        for s in samples
     )
     assert "slime_http_request_duration_seconds" in families
 
@@ -115,7 +116,9 @@ def test_missing_field_is_named(open_url: str) -> None:
 
 
 def test_malformed_json_gives_422_naming_the_body(open_url: str) -> None:
-    r = httpx.post(f"{open_url}/items", content=b'{"name": "a", ', headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{open_url}/items", content=b'{"name": "a", ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
     error = r.json()["error"]
     assert error["field"] == "body"
@@ -165,7 +168,9 @@ def test_auth_rejects_missing_and_wrong_tokens(locked_url: str) -> None:
     r = httpx.post(f"{locked_url}/items", json={"name": "a", "count": 1})
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == "Bearer"
-    r = httpx.post(f"{locked_url}/items", json={"name": "a", "count": 1}, headers={"Authorization": "Bearer nope"})
+    r = httpx.post(
+        f"{locked_url}/items", json={"name": "a", "count": 1}, headers={"Authorization": "Bearer nope"}
+    )
     assert r.status_code == 401
     assert "invalid" in r.json()["error"]["message"]
 
