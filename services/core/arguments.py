@@ -1425,6 +1425,12 @@ def _add_service(group: argparse._ArgumentGroup) -> None:
         choices=["auto", "builtin", "sglang"],
         help="Rollout engine: SGLang when installed and a GPU is present (auto), the built-in torch engine, or SGLang.",
     )
+    group.add_argument(
+        "--output-dir",
+        type=str,
+        default=None,
+        help="Where a run writes metrics, service logs and summaries (default: outputs/<run-id>).",
+    )
     group.add_argument("--host", type=str, default="127.0.0.1", help="Address the service binds to.")
     group.add_argument(
         "--port", type=int, default=None, help="Port the service binds to (its default when unset)."
