@@ -1,0 +1,164 @@
+"""slime's default single-turn generation, token in / token out, against the router's SGLang ``/generate``.
+
+``generate(args, sample, sampling_params)`` is what ``slime.rollout.sglang_rollout.generate`` names in slime: a
+fresh sample is tokenized and sent as ``input_ids``; a partial (aborted) sample is continued from its tokens with
+the remaining token budget. The new tokens, their log-probs, the text and the engine's weight version are appended,
+and the finish reason sets the status (stop -> completed, length -> truncated, abort -> aborted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.core.sample import Sample
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {
+    "stop": Sample.Status.COMPLETED,
+    "length": Sample.Status.TRUNCATED,
+    "abort": Sample.Status.ABORTED,
+}
+
+
+class GenerateConfigError(ValueError):
+    """The flags do not say how to generate (no router address, no tokenizer); the message names the flag."""
+
+
+def router_url(args: Any) -> str:
+    """The router's base URL: --router-url, else http://--sglang-router-ip:--sglang-router-port."""
+    url = getattr(args, "router_url", None)
+    if url:
+        return url.rstrip("/")
+    ip, port = getattr(args, "sglang_router_ip", None), getattr(args, "sglang_router_port", None)
+    if ip and port:
+        return f"http://{ip}:{port}"
+    raise GenerateConfigError(
+        "no router to generate with: pass --router-url (or --sglang-router-ip and --sglang-router-port)"
+    )
+
+
+_tokenizers: dict[str, Any] = {}
+# An HTTP client belongs to one event loop: one per loop (a process normally runs exactly one).
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def tokenizer_of(args: Any) -> Any:
+    """The tokenizer of --hf-checkpoint, loaded once per process."""
+    checkpoint = getattr(args, "hf_checkpoint", None)
+    if not checkpoint:
+        raise GenerateConfigError(
+            "--hf-checkpoint is required: the default generate tokenizes prompts with it"
+        )
+    if checkpoint not in _tokenizers:
+        from transformers import AutoTokenizer
+
+        _tokenizers[checkpoint] = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
+    return _tokenizers[checkpoint]
+
+
+def _client(args: Any) -> httpx.AsyncClient:
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None or client.is_closed:
+        timeout = getattr(args, "sglang_router_request_timeout_secs", None) or 3600
+        client = _clients[loop] = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            trust_env=False,
+        )
+    return client
+
+
+async def close_clients() -> None:
+    """Close this event loop's HTTP client (a worker calls this on shutdown)."""
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()
+
+
+def _image_data(part: dict[str, Any]) -> str:
+    """An image part as SGLang's image_data entry: a URL or data URI as is, a file path as base64."""
+    source = part.get("image") or part.get("path") or part.get("url")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"image part has no 'path', 'image' or 'url': {sorted(part)}")
+    if source.startswith(("http://", "https://", "data:")):
+        return source
+    return base64.b64encode(Path(source).read_bytes()).decode()
+
+
+def _prompt_text(prompt: str | list[dict[str, Any]], tokenizer: Any) -> tuple[str, list[str]]:
+    """The text to tokenize and the images of a prompt; each image becomes the tokenizer's image token."""
+    if isinstance(prompt, str):
+        return prompt, []
+    image_token = getattr(tokenizer, "special_tokens_map", {}).get("image_token", "<image>")
+    text, images = [], []
+    for part in prompt:
+        if part.get("type") == "text":
+            text.append(part.get("text", ""))
+        elif part.get("type") == "image":
+            text.append(image_token)
+            images.append(_image_data(part))
+        else:
+            raise ValueError(
+                f"prompt part of type {part.get('type')!r}: only 'text' and 'image' are supported"
+            )
+    return "".join(text), images
+
+
+async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+    """Generate (or continue) ``sample``'s response through the router; returns the same, updated sample."""
+    if sample.status not in (Sample.Status.PENDING, Sample.Status.ABORTED):
+        raise ValueError(
+            f"sample {sample.uid}: generate needs a pending or aborted sample, got {sample.status}"
+        )
+    url = router_url(args)
+    tokenizer = tokenizer_of(args)
+    params = dict(sampling_params)
+    payload: dict[str, Any] = {"return_logprob": True}
+    if sample.response:
+        # A partial sample: continue from its tokens within what is left of the token budget.
+        budget = params.get("max_new_tokens")
+        if budget is not None:
+            params["max_new_tokens"] = budget - sample.response_length
+            if params["max_new_tokens"] <= 0:
+                sample.status = Sample.Status.TRUNCATED
+                return sample
+        payload["input_ids"] = list(sample.tokens)
+    else:
+        text, images = _prompt_text(sample.prompt, tokenizer)
+        prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        sample.tokens = prompt_ids
+        payload["input_ids"] = prompt_ids
+        if images:
+            payload["image_data"] = images
+    payload["sampling_params"] = params
+    response = await _client(args).post(f"{url}/generate", json=payload)
+    if response.is_error:
+        raise httpx.HTTPStatusError(
+            f"router {url}/generate answered {response.status_code}: {response.text[:300]}",
+            request=response.request,
+            response=response,
+        )
+    output = response.json()
+    meta = output.get("meta_info", {})
+    pairs = meta.get("output_token_logprobs") or []
+    new_tokens = [int(entry[1]) for entry in pairs]
+    sample.tokens = list(sample.tokens) + new_tokens
+    sample.rollout_log_probs = list(sample.rollout_log_probs or []) + [float(entry[0]) for entry in pairs]
+    sample.response += output.get("text", "")
+    sample.response_length += len(new_tokens)
+    if meta.get("weight_version") is not None:
+        sample.weight_versions.append(str(meta["weight_version"]))
+    finish = (meta.get("finish_reason") or {}).get("type")
+    sample.status = _FINISH_STATUS.get(finish, Sample.Status.COMPLETED)
+    return sample

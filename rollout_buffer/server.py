@@ -1,0 +1,229 @@
+"""``slime serve rollout-buffer``: the HTTP API (slime's and v1), the gRPC BufferService and rollout workers.
+
+The service keeps nothing in its own memory that a client was told is stored, so any number of replicas can
+serve one Redis, and a restarted replica carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from protos import slime_pb2_grpc
+from rollout_buffer import api_slime, api_v1, metrics
+from rollout_buffer.arguments import parse_args
+from rollout_buffer.generators import GeneratorRegistry
+from rollout_buffer.grpc_service import BufferServicer
+from rollout_buffer.service import BufferService, ServiceSettings
+from rollout_buffer.store import BufferStore, StoreLimits
+from services.core.grpc_util import create_grpc_server
+from services.core.http_app import create_app, error_body, run_app
+from services.core.logging_setup import setup_logging
+from services.core.redis_util import redact_url, redis_from_url
+from services.core.supervisor import die_with_parent
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "rollout-buffer"
+
+
+@dataclass
+class BufferConfig:
+    """Everything the API process needs, gathered from the flags (or built directly by tests and benchmarks)."""
+
+    redis_url: str
+    limits: StoreLimits = field(default_factory=StoreLimits)
+    settings: ServiceSettings = field(default_factory=ServiceSettings)
+    registry: GeneratorRegistry = field(default_factory=GeneratorRegistry)
+    auth_token: str | None = None
+    max_body_bytes: int = 64 << 20
+    host: str = "127.0.0.1"
+    grpc_port: int | None = None
+    housekeeping_interval_s: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, redis_url: str) -> BufferConfig:
+        return cls(
+            redis_url=redis_url,
+            limits=StoreLimits(
+                group_size=args.n_samples_per_prompt,
+                max_items=args.buffer_max_items,
+                max_bytes=args.buffer_max_bytes,
+                dedup_ttl_s=args.dedup_ttl,
+                lease_timeout_s=args.lease_timeout,
+                group_timeout_s=args.group_timeout,
+                expiry_action=args.group_expiry_action,
+            ),
+            settings=ServiceSettings(
+                run_id=args.run_id,
+                task_type=args.rollout_task_type,
+                retry_after_s=args.retry_after,
+                grpc_port=args.grpc_port,
+            ),
+            registry=GeneratorRegistry.discover(args.generator_dir, args.generator_module),
+            auth_token=args.auth_token,
+            max_body_bytes=args.max_body_bytes,
+            host=args.host,
+            grpc_port=args.grpc_port,
+        )
+
+
+class _RejectionCounter:
+    """Counts the refusals the shared middleware answers itself (401, 413) as rejected inputs."""
+
+    _REASONS = {401: "unauthorized", 413: "too_large"}
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def watch(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in self._REASONS:
+                metrics.REJECTED.labels(self._REASONS[message["status"]]).inc()
+            await send(message)
+
+        await self.app(scope, receive, watch)
+
+
+def build_app(config: BufferConfig) -> FastAPI:
+    """The buffer's FastAPI app; its lifespan connects to Redis, serves gRPC and runs the housekeeping loop."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis_client = redis_from_url(config.redis_url)
+        service = BufferService(BufferStore(redis_client, config.limits), config.registry, config.settings)
+        app.state.buffer = service
+        grpc_server = None
+        if config.grpc_port is not None:
+            grpc_server = create_grpc_server(config.grpc_port, config.host)
+            slime_pb2_grpc.add_BufferServiceServicer_to_server(
+                BufferServicer(service, auth_token=config.auth_token), grpc_server
+            )
+            await grpc_server.start()
+        housekeeping = asyncio.create_task(service.housekeeping_loop(config.housekeeping_interval_s))
+        logger.info(
+            "rollout buffer on run %s, Redis %s, gRPC port %s",
+            config.settings.run_id,
+            redact_url(config.redis_url),
+            config.grpc_port,
+        )
+        try:
+            yield
+        finally:
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2.0)
+            await redis_client.aclose()
+
+    app = create_app(
+        SERVICE, auth_token=config.auth_token, max_body_bytes=config.max_body_bytes, lifespan=lifespan
+    )
+    app.include_router(api_slime.build_router())
+    app.include_router(api_v1.build_router())
+    retry_after = str(config.settings.retry_after_s)
+
+    async def on_redis_error(request: Request, exc: RedisError) -> JSONResponse:
+        logger.warning("Redis error on %s %s: %s", request.method, request.url.path, exc)
+        message = (
+            f"the buffer's store (Redis at {redact_url(config.redis_url)}) is unavailable: "
+            f"{type(exc).__name__}: {exc}; nothing was stored, retry after {retry_after}s"
+        )
+        return JSONResponse(
+            error_body("store_unavailable", message, None, request.scope.get("state", {}).get("request_id")),
+            status_code=503,
+            headers={"Retry-After": retry_after},
+        )
+
+    app.add_exception_handler(RedisError, on_redis_error)
+    app.add_middleware(_RejectionCounter)
+    return app
+
+
+def _start_worker(argv: Sequence[str], redis_url: str) -> subprocess.Popen:
+    # Output is inherited so worker logs land beside the API's; the child dies with this process.
+    return subprocess.Popen(
+        [sys.executable, "-m", "rollout_buffer.workers", *argv, "--redis-url", redis_url],
+        preexec_fn=die_with_parent,
+    )
+
+
+def _stop_worker(worker: subprocess.Popen, timeout: float = 10.0) -> None:
+    if worker.poll() is not None:
+        return
+    worker.terminate()
+    try:
+        worker.wait(timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def _supervise_workers(workers: list[subprocess.Popen], argv: Sequence[str], redis_url: str) -> None:
+    """Keep the worker processes running until SIGTERM/SIGINT (the --no-api mode)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        for i, worker in enumerate(workers):
+            if worker.poll() is not None:
+                logger.warning(
+                    "rollout worker pid %d exited with code %s; restarting it", worker.pid, worker.returncode
+                )
+                workers[i] = _start_worker(argv, redis_url)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    setup_logging(args.log_level, service=SERVICE)
+    embedded = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        from services.core.embedded_redis import EmbeddedRedis
+
+        embedded = EmbeddedRedis(appendonly=True, dir=args.redis_dir)
+        redis_url = embedded.url
+        logger.info(
+            "no --redis-url: started an embedded redis-server with AOF at %s (dir %s)",
+            redis_url,
+            embedded.dir,
+        )
+    workers: list[subprocess.Popen] = []
+    try:
+        config = None if args.no_api else BufferConfig.from_args(args, redis_url)
+        workers = [_start_worker(argv, redis_url) for _ in range(args.rollout_workers)]
+        if config is None:
+            _supervise_workers(workers, argv, redis_url)
+        else:
+            run_app(build_app(config), args.host, args.port, log_level=args.log_level)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        for worker in workers:
+            _stop_worker(worker)
+        if embedded is not None:
+            embedded.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,675 @@
+"""The durable trajectory store: groups of items in Redis, idempotent by uid, leased and acknowledged, bounded.
+
+Every state change is one Lua script, so a crash of the service at any point leaves Redis consistent and Redis'
+own persistence (AOF) decides durability. Layout under ``slime:<run>:buf`` (P):
+
+- ``P:uid:<uid>`` -> group member, with a TTL: the idempotency record of every stored item.
+- ``P:gonce:<token>``: a whole-group write that already happened (a rollout worker's task retried).
+- ``P:open:<kind>:<instance>`` list of item JSON, ``P:oinfo:<kind>:<instance>`` its hash (size, queue, bytes,
+  created); ``P:opens`` zset member -> last write time (ms), scanned for expiry.
+- ``P:g:<gid>`` list of item JSON of a sealed group, ``P:ginfo:<gid>`` its hash; ``P:ready:<queue>:<kind>`` FIFO
+  lists of sealed gids; ``P:leased`` zset gid -> lease deadline (ms); ``P:lease`` hash gid -> lease id.
+- ``P:usage`` hash {items, bytes} of everything not yet acknowledged (the capacity bound); ``P:counters``
+  run-wide totals; ``P:config`` the run's group size and task type (set by /start_rollout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from services.core.redis_util import key
+
+logger = logging.getLogger(__name__)
+
+KIND_TRAJECTORY = "trajectory"
+KIND_SAMPLE = "sample"
+KINDS = (KIND_SAMPLE, KIND_TRAJECTORY)
+QUEUE_TRAIN = "train"
+QUEUE_EVAL = "eval"
+QUEUES = (QUEUE_TRAIN, QUEUE_EVAL)
+
+ExpiryAction = Literal["drop", "deliver"]
+
+# Shared Lua: server time in ms, and sealing an open group into a ready one.
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function seal(p, m, now, partial)
+  local okey = p .. ':open:' .. m
+  local ikey = p .. ':oinfo:' .. m
+  local info = redis.call('HMGET', ikey, 'iid', 'kind', 'queue', 'size', 'created', 'bytes', 'task_type')
+  local gid = tostring(redis.call('INCR', p .. ':seq'))
+  local count = redis.call('LLEN', okey)
+  redis.call('RENAME', okey, p .. ':g:' .. gid)
+  redis.call('HSET', p .. ':ginfo:' .. gid, 'iid', info[1], 'kind', info[2], 'queue', info[3], 'size', info[4],
+    'created', info[5], 'bytes', info[6], 'task_type', info[7] or '', 'count', count, 'sealed', now,
+    'partial', partial, 'redeliveries', 0)
+  redis.call('DEL', ikey)
+  redis.call('ZREM', p .. ':opens', m)
+  redis.call('RPUSH', p .. ':ready:' .. info[3] .. ':' .. info[2], gid)
+  redis.call('HINCRBY', p .. ':counters', 'sealed', 1)
+  return gid
+end
+
+local function requeue_expired(p, now, limit)
+  local gids = redis.call('ZRANGEBYSCORE', p .. ':leased', '-inf', now, 'LIMIT', 0, limit)
+  for _, gid in ipairs(gids) do
+    redis.call('ZREM', p .. ':leased', gid)
+    redis.call('HDEL', p .. ':lease', gid)
+    local info = redis.call('HMGET', p .. ':ginfo:' .. gid, 'queue', 'kind')
+    if info[1] then
+      redis.call('HINCRBY', p .. ':ginfo:' .. gid, 'redeliveries', 1)
+      -- Back to the head: these groups are older than anything sealed since they were leased.
+      redis.call('LPUSH', p .. ':ready:' .. info[1] .. ':' .. info[2], gid)
+    end
+  end
+  if #gids > 0 then redis.call('HINCRBY', p .. ':counters', 'lease_expired', #gids) end
+  return #gids
+end
+"""
+
+# ARGV: prefix, max_items, max_bytes, dedup_ttl_ms, seal_by_size, default_size, group_token, token_ttl_ms,
+# task_type, then 6 fields per item: uid, kind, instance, queue, size (0 = the run's), payload.
+_WRITE_LUA = (
+    _LUA_COMMON
+    + """
+local p = ARGV[1]
+local max_items = tonumber(ARGV[2])
+local max_bytes = tonumber(ARGV[3])
+local ttl = ARGV[4]
+local seal_by_size = ARGV[5] == '1'
+local default_size = tonumber(ARGV[6])
+local token = ARGV[7]
+local task_type = ARGV[9]
+local head = 9
+local n = (#ARGV - head) / 6
+if token ~= '' and redis.call('EXISTS', p .. ':gonce:' .. token) == 1 then
+  redis.call('HINCRBY', p .. ':counters', 'duplicates', n)
+  return {'dup_group'}
+end
+local status = {}
+local seen = {}
+local new_items, new_bytes = 0, 0
+for i = 1, n do
+  local b = head + (i - 1) * 6
+  local uid = ARGV[b + 1]
+  if seen[uid] or redis.call('EXISTS', p .. ':uid:' .. uid) == 1 then
+    status[i] = 0
+  else
+    seen[uid] = true
+    status[i] = 1
+    new_items = new_items + 1
+    new_bytes = new_bytes + #ARGV[b + 6]
+  end
+end
+if new_items > 0 then
+  local usage = redis.call('HMGET', p .. ':usage', 'items', 'bytes')
+  local items = tonumber(usage[1]) or 0
+  local bytes = tonumber(usage[2]) or 0
+  if items + new_items > max_items or bytes + new_bytes > max_bytes then
+    redis.call('HINCRBY', p .. ':counters', 'rejected_full', n)
+    return {'full', items, bytes}
+  end
+end
+local now = now_ms()
+local sealed = {}
+for i = 1, n do
+  local b = head + (i - 1) * 6
+  if status[i] == 1 then
+    local m = ARGV[b + 2] .. ':' .. ARGV[b + 3]
+    local okey = p .. ':open:' .. m
+    local ikey = p .. ':oinfo:' .. m
+    if redis.call('EXISTS', ikey) == 0 then
+      local size = tonumber(ARGV[b + 5])
+      if size <= 0 then
+        size = tonumber(redis.call('HGET', p .. ':config', 'group_size')) or default_size
+      end
+      redis.call('HSET', ikey, 'iid', ARGV[b + 3], 'kind', ARGV[b + 2], 'queue', ARGV[b + 4], 'size', size,
+        'created', now, 'bytes', 0, 'task_type', task_type)
+    end
+    redis.call('SET', p .. ':uid:' .. ARGV[b + 1], m, 'PX', ttl)
+    redis.call('RPUSH', okey, ARGV[b + 6])
+    redis.call('HINCRBY', ikey, 'bytes', #ARGV[b + 6])
+    redis.call('ZADD', p .. ':opens', now, m)
+    if seal_by_size and redis.call('LLEN', okey) >= tonumber(redis.call('HGET', ikey, 'size')) then
+      table.insert(sealed, seal(p, m, now, 0))
+    end
+  end
+end
+if new_items > 0 then
+  redis.call('HINCRBY', p .. ':usage', 'items', new_items)
+  redis.call('HINCRBY', p .. ':usage', 'bytes', new_bytes)
+  redis.call('HINCRBY', p .. ':counters', 'written', new_items)
+end
+if n - new_items > 0 then redis.call('HINCRBY', p .. ':counters', 'duplicates', n - new_items) end
+if token ~= '' then redis.call('SET', p .. ':gonce:' .. token, 1, 'PX', ARGV[8]) end
+local flags = {}
+for i = 1, n do flags[i] = tostring(status[i]) end
+return {'ok', table.concat(flags), sealed}
+"""
+)
+
+# ARGV: prefix, member, expected item count. Seals an open group that a task's is_valid_group accepted, unless
+# it changed (more items) since it was validated.
+_SEAL_LUA = (
+    _LUA_COMMON
+    + """
+local p = ARGV[1]
+local m = ARGV[2]
+if redis.call('EXISTS', p .. ':oinfo:' .. m) == 0 then return {'gone'} end
+if redis.call('LLEN', p .. ':open:' .. m) ~= tonumber(ARGV[3]) then return {'changed'} end
+return {'sealed', seal(p, m, now_ms(), 0)}
+"""
+)
+
+# ARGV: prefix, max_groups, lease_ms, then the ready lists to pop from, in order.
+_LEASE_LUA = (
+    _LUA_COMMON
+    + """
+local p = ARGV[1]
+local want = tonumber(ARGV[2])
+local lease_ms = tonumber(ARGV[3])
+local now = now_ms()
+local requeued = requeue_expired(p, now, 1000)
+local out = {}
+for i = 4, #ARGV do
+  if want <= 0 then break end
+  local gids = redis.call('LPOP', p .. ':ready:' .. ARGV[i], want)
+  if gids then
+    for _, gid in ipairs(gids) do
+      local lease_id = gid .. '.' .. redis.call('INCR', p .. ':leaseseq')
+      redis.call('ZADD', p .. ':leased', now + lease_ms, gid)
+      redis.call('HSET', p .. ':lease', gid, lease_id)
+      table.insert(out, {gid, lease_id, redis.call('HGETALL', p .. ':ginfo:' .. gid),
+        redis.call('LRANGE', p .. ':g:' .. gid, 0, -1)})
+    end
+    want = want - #gids
+  end
+end
+if #out > 0 then redis.call('HINCRBY', p .. ':counters', 'leased', #out) end
+return {requeued, out}
+"""
+)
+
+# ARGV: prefix, lease ids. Deletes each group whose current lease is the given one.
+_ACK_LUA = """
+local p = ARGV[1]
+local acked = {}
+for i = 2, #ARGV do
+  local lease_id = ARGV[i]
+  local gid = string.match(lease_id, '^(%d+)%.%d+$')
+  if gid and redis.call('HGET', p .. ':lease', gid) == lease_id then
+    local info = redis.call('HMGET', p .. ':ginfo:' .. gid, 'count', 'bytes')
+    redis.call('DEL', p .. ':g:' .. gid, p .. ':ginfo:' .. gid)
+    redis.call('HDEL', p .. ':lease', gid)
+    redis.call('ZREM', p .. ':leased', gid)
+    redis.call('HINCRBY', p .. ':usage', 'items', -(tonumber(info[1]) or 0))
+    redis.call('HINCRBY', p .. ':usage', 'bytes', -(tonumber(info[2]) or 0))
+    table.insert(acked, lease_id)
+  end
+end
+if #acked > 0 then redis.call('HINCRBY', p .. ':counters', 'acked', #acked) end
+return acked
+"""
+
+# ARGV: prefix, timeout_ms, action (drop|deliver), limit. Handles open groups idle for longer than the timeout.
+_EXPIRE_LUA = (
+    _LUA_COMMON
+    + """
+local p = ARGV[1]
+local now = now_ms()
+local members = redis.call('ZRANGEBYSCORE', p .. ':opens', '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0,
+  tonumber(ARGV[4]))
+local dropped_items = 0
+for _, m in ipairs(members) do
+  if ARGV[3] == 'deliver' then
+    seal(p, m, now, 1)
+  else
+    local okey = p .. ':open:' .. m
+    local ikey = p .. ':oinfo:' .. m
+    local count = redis.call('LLEN', okey)
+    local bytes = tonumber(redis.call('HGET', ikey, 'bytes')) or 0
+    redis.call('DEL', okey, ikey)
+    redis.call('ZREM', p .. ':opens', m)
+    redis.call('HINCRBY', p .. ':usage', 'items', -count)
+    redis.call('HINCRBY', p .. ':usage', 'bytes', -bytes)
+    dropped_items = dropped_items + count
+  end
+end
+if #members > 0 then redis.call('HINCRBY', p .. ':counters', 'expired', #members) end
+return {#members, dropped_items}
+"""
+)
+
+# ARGV: prefix. Puts every leased group back in its ready list now (an operator's or a test's reset).
+_RELEASE_ALL_LUA = (
+    _LUA_COMMON
+    + """
+return requeue_expired(ARGV[1], '+inf', 1000000)
+"""
+)
+
+
+class ScriptBatcher:
+    """Runs one Lua script for many concurrent callers: calls that arrive while a round trip is in flight go to
+    Redis together in the next pipeline (a group commit), each still its own atomic script execution.
+
+    Under concurrency this replaces one round trip (and one pooled connection) per call with one per batch.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, redis_client: aioredis.Redis, source: str):
+        self.redis = redis_client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((args, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
+            try:
+                replies = await self._run([args for args, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    async def _pipeline(self, calls: list[list[Any]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(self.sha, 0, *args)
+            return await pipe.execute(raise_on_error=False)
+
+    async def _run(self, calls: list[list[Any]]) -> list[Any]:
+        replies = await self._pipeline(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            # A restarted Redis has an empty script cache.
+            await self.redis.script_load(self.source)
+            for i, reply in zip(missing, await self._pipeline([calls[i] for i in missing]), strict=True):
+                replies[i] = reply
+        return replies
+
+
+class WriteStatus(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """One item to store: its uid (idempotency key), the group it joins and its JSON payload."""
+
+    uid: str
+    instance_id: str
+    payload: bytes
+    kind: str = KIND_TRAJECTORY
+    queue: str = QUEUE_TRAIN
+    # Items that complete this group; 0 means the run's group size (from /start_rollout, else the default).
+    group_size: int = 0
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    statuses: list[WriteStatus]
+    sealed: list[str]
+
+    @property
+    def stored(self) -> int:
+        return sum(status is WriteStatus.STORED for status in self.statuses)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.statuses) - self.stored
+
+
+@dataclass
+class Group:
+    """A sealed, leased group: what the trainer (or an agent's reader) receives."""
+
+    group_id: str
+    lease_id: str
+    instance_id: str
+    kind: str
+    queue: str
+    items: list[dict[str, Any]]
+    sealed_at_ms: int
+    partial: bool = False
+    redeliveries: int = 0
+    task_type: str = ""
+
+
+@dataclass
+class LeaseResult:
+    groups: list[Group]
+    requeued: int = 0
+
+
+@dataclass
+class BufferStats:
+    """Run-wide counts for operators: what is open, ready, leased and how old the oldest ready group is."""
+
+    run_id: str
+    open_groups: int
+    ready_groups: dict[str, int]
+    leased_groups: int
+    items: int
+    bytes: int
+    max_items: int
+    max_bytes: int
+    oldest_ready_age_s: float | None
+    # How long the open group written to least recently has been idle (the group timeout applies to this).
+    longest_open_idle_s: float | None
+    group_size: int
+    task_type: str | None
+    totals: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete_groups(self) -> int:
+        return sum(self.ready_groups.values()) + self.leased_groups
+
+
+class BufferFullError(Exception):
+    """The write would take the run over its item or byte budget; nothing of it was stored."""
+
+    def __init__(self, items: int, bytes_: int, max_items: int, max_bytes: int):
+        self.items = items
+        self.bytes = bytes_
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        super().__init__(
+            f"rollout buffer is full: {items}/{max_items} items, {bytes_}/{max_bytes} bytes held until acknowledged"
+        )
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Capacity and timing policy of the store; the service's flags fill it."""
+
+    group_size: int = 1
+    max_items: int = 1_000_000
+    max_bytes: int = 4 << 30
+    dedup_ttl_s: float = 86_400.0
+    lease_timeout_s: float = 300.0
+    group_timeout_s: float | None = None
+    expiry_action: ExpiryAction = "drop"
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"group size (--n-samples-per-prompt) must be >= 1, got {self.group_size}")
+        if self.max_items < 1 or self.max_bytes < 1:
+            raise ValueError("--buffer-max-items and --buffer-max-bytes must be >= 1")
+        if self.lease_timeout_s <= 0:
+            raise ValueError(f"--lease-timeout must be > 0 seconds, got {self.lease_timeout_s}")
+        if self.group_timeout_s is not None and self.group_timeout_s <= 0:
+            raise ValueError(f"--group-timeout must be > 0 seconds, got {self.group_timeout_s}")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class BufferStore:
+    """Async access to the run-namespaced buffer in one Redis; every method is safe to call from many processes."""
+
+    def __init__(self, redis_client: aioredis.Redis, limits: StoreLimits | None = None):
+        self.redis = redis_client
+        self.limits = limits or StoreLimits()
+        self._write = ScriptBatcher(redis_client, _WRITE_LUA)
+        self._seal = redis_client.register_script(_SEAL_LUA)
+        self._lease = redis_client.register_script(_LEASE_LUA)
+        self._ack = redis_client.register_script(_ACK_LUA)
+        self._expire = redis_client.register_script(_EXPIRE_LUA)
+        self._release_all = redis_client.register_script(_RELEASE_ALL_LUA)
+
+    @staticmethod
+    def prefix(run_id: str) -> str:
+        return key(run_id, "buf")
+
+    async def write(
+        self,
+        run_id: str,
+        items: Sequence[NewItem],
+        *,
+        seal_by_size: bool = True,
+        group_token: str | None = None,
+        task_type: str = "",
+    ) -> WriteResult:
+        """Store the items that are new (by uid) atomically, all or nothing; raise BufferFullError when over budget.
+
+        ``seal_by_size``: seal a group as soon as it holds its group size (off when the task's is_valid_group
+        decides). ``group_token``: the write happens at most once per token (a retried task is a no-op).
+        """
+        if not items:
+            return WriteResult([], [])
+        limits = self.limits
+        args: list[Any] = [
+            self.prefix(run_id),
+            limits.max_items,
+            limits.max_bytes,
+            _ms(limits.dedup_ttl_s),
+            "1" if seal_by_size else "0",
+            limits.group_size,
+            group_token or "",
+            _ms(limits.dedup_ttl_s),
+            task_type,
+        ]
+        for item in items:
+            args += [item.uid, item.kind, item.instance_id, item.queue, item.group_size, item.payload]
+        reply = await self._write(args)
+        tag = reply[0]
+        if tag == "dup_group":
+            return WriteResult([WriteStatus.DUPLICATE] * len(items), [])
+        if tag == "full":
+            raise BufferFullError(int(reply[1]), int(reply[2]), limits.max_items, limits.max_bytes)
+        statuses = [WriteStatus.STORED if flag == "1" else WriteStatus.DUPLICATE for flag in reply[1]]
+        return WriteResult(statuses, [str(gid) for gid in reply[2]])
+
+    async def open_items(self, run_id: str, kind: str, instance_id: str) -> list[dict[str, Any]]:
+        """The items of an open (not yet sealed) group, in write order; empty when there is none."""
+        raw = await self.redis.lrange(f"{self.prefix(run_id)}:open:{kind}:{instance_id}", 0, -1)
+        return [orjson.loads(item) for item in raw]
+
+    async def seal_if_unchanged(self, run_id: str, kind: str, instance_id: str, count: int) -> str | None:
+        """Seal an open group that still holds exactly ``count`` items; its gid, or None if it changed or is gone."""
+        reply = await self._seal(args=[self.prefix(run_id), f"{kind}:{instance_id}", count])
+        return str(reply[1]) if reply[0] == "sealed" else None
+
+    async def lease(
+        self,
+        run_id: str,
+        max_groups: int,
+        *,
+        lease_seconds: float | None = None,
+        queue: str = QUEUE_TRAIN,
+        kinds: Sequence[str] = KINDS,
+    ) -> LeaseResult:
+        """Lease up to ``max_groups`` ready groups (oldest first); unacknowledged leases return after the timeout."""
+        if max_groups <= 0:
+            return LeaseResult([])
+        lease_s = lease_seconds or self.limits.lease_timeout_s
+        reply = await self._lease(
+            args=[self.prefix(run_id), max_groups, _ms(lease_s), *(f"{queue}:{kind}" for kind in kinds)]
+        )
+        requeued, rows = int(reply[0]), reply[1]
+        groups = []
+        for gid, lease_id, info_flat, items in rows:
+            info = dict(zip(info_flat[::2], info_flat[1::2], strict=True))
+            groups.append(
+                Group(
+                    group_id=str(gid),
+                    lease_id=str(lease_id),
+                    instance_id=info.get("iid", ""),
+                    kind=info.get("kind", KIND_TRAJECTORY),
+                    queue=info.get("queue", queue),
+                    items=[orjson.loads(item) for item in items],
+                    sealed_at_ms=int(info.get("sealed", 0)),
+                    partial=info.get("partial") == "1",
+                    redeliveries=int(info.get("redeliveries", 0)),
+                    task_type=info.get("task_type", ""),
+                )
+            )
+        return LeaseResult(groups, requeued)
+
+    async def lease_wait(
+        self,
+        run_id: str,
+        max_groups: int,
+        *,
+        min_groups: int = 1,
+        wait_seconds: float = 0.0,
+        lease_seconds: float | None = None,
+        queue: str = QUEUE_TRAIN,
+        kinds: Sequence[str] = KINDS,
+        poll_seconds: float = 0.05,
+    ) -> LeaseResult:
+        """``lease`` once at least ``min_groups`` are ready, waiting up to ``wait_seconds`` (then take what is there)."""
+        deadline = time.monotonic() + wait_seconds
+        keys = [f"{self.prefix(run_id)}:ready:{queue}:{kind}" for kind in kinds]
+        while True:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for ready_key in keys:
+                    pipe.llen(ready_key)
+                pipe.zcount(f"{self.prefix(run_id)}:leased", "-inf", int(time.time() * 1000))
+                counts = await pipe.execute()
+            # Expired leases count too: the lease script puts them back before popping.
+            if sum(counts) >= min_groups or time.monotonic() >= deadline:
+                return await self.lease(
+                    run_id, max_groups, lease_seconds=lease_seconds, queue=queue, kinds=kinds
+                )
+            await asyncio.sleep(min(poll_seconds, max(0.0, deadline - time.monotonic())))
+
+    async def ack(self, run_id: str, lease_ids: Sequence[str]) -> list[str]:
+        """Delete the groups held under these leases for good; returns the lease ids that were current."""
+        if not lease_ids:
+            return []
+        return [str(x) for x in await self._ack(args=[self.prefix(run_id), *lease_ids])]
+
+    async def expire_open_groups(self, run_id: str, limit: int = 1000) -> tuple[int, int]:
+        """Apply the group timeout to idle open groups; returns (groups expired, items dropped)."""
+        timeout = self.limits.group_timeout_s
+        if timeout is None:
+            return 0, 0
+        groups, items = await self._expire(
+            args=[self.prefix(run_id), _ms(timeout), self.limits.expiry_action, limit]
+        )
+        return int(groups), int(items)
+
+    async def release_all_leases(self, run_id: str) -> int:
+        """Return every leased group of the run to its ready list now."""
+        return int(await self._release_all(args=[self.prefix(run_id)]))
+
+    async def stored(self, run_id: str, uids: Sequence[str]) -> list[bool]:
+        """Whether each uid has an idempotency record, i.e. was stored (and may since have been acknowledged)."""
+        if not uids:
+            return []
+        p = self.prefix(run_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for uid in uids:
+                pipe.exists(f"{p}:uid:{uid}")
+            return [bool(x) for x in await pipe.execute()]
+
+    async def group_done(self, run_id: str, token: str) -> bool:
+        """Whether a whole-group write under ``token`` already happened."""
+        return bool(await self.redis.exists(f"{self.prefix(run_id)}:gonce:{token}"))
+
+    async def set_run_config(
+        self, run_id: str, *, group_size: int | None = None, task_type: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {}
+        if group_size is not None:
+            values["group_size"] = group_size
+        if task_type is not None:
+            values["task_type"] = task_type
+        if values:
+            await self.redis.hset(f"{self.prefix(run_id)}:config", mapping=values)
+
+    async def run_config(self, run_id: str) -> tuple[int, str | None]:
+        """The run's (group size, task type): what /start_rollout set, else the service defaults."""
+        size, task_type = await self.redis.hmget(f"{self.prefix(run_id)}:config", ["group_size", "task_type"])
+        return (int(size) if size else self.limits.group_size), task_type
+
+    async def stats(self, run_id: str) -> BufferStats:
+        p = self.prefix(run_id)
+        ready_keys = [(queue, kind) for queue in QUEUES for kind in KINDS]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zcard(f"{p}:opens")
+            for queue, kind in ready_keys:
+                pipe.llen(f"{p}:ready:{queue}:{kind}")
+            pipe.zcard(f"{p}:leased")
+            pipe.hmget(f"{p}:usage", ["items", "bytes"])
+            pipe.hgetall(f"{p}:counters")
+            pipe.zrange(f"{p}:opens", 0, 0, withscores=True)
+            for queue, kind in ready_keys:
+                pipe.lindex(f"{p}:ready:{queue}:{kind}", 0)
+            pipe.hmget(f"{p}:config", ["group_size", "task_type"])
+            replies = await pipe.execute()
+        server_time, open_groups = replies[0], replies[1]
+        now_ms = server_time[0] * 1000 + server_time[1] // 1000
+        k = len(ready_keys)
+        ready_counts = replies[2 : 2 + k]
+        leased, usage, counters, oldest_open = replies[2 + k : 6 + k]
+        heads = replies[6 + k : 6 + 2 * k]
+        config = replies[6 + 2 * k]
+        ready: dict[str, int] = {}
+        for (queue, kind), count in zip(ready_keys, ready_counts, strict=True):
+            ready[f"{queue}:{kind}"] = int(count)
+        oldest_ready_ms = None
+        head_ids = [gid for gid in heads if gid]
+        if head_ids:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for gid in head_ids:
+                    pipe.hget(f"{p}:ginfo:{gid}", "sealed")
+                sealed = [int(x) for x in await pipe.execute() if x]
+            oldest_ready_ms = min(sealed) if sealed else None
+        return BufferStats(
+            run_id=run_id,
+            open_groups=int(open_groups),
+            ready_groups=ready,
+            leased_groups=int(leased),
+            items=int(usage[0] or 0),
+            bytes=int(usage[1] or 0),
+            max_items=self.limits.max_items,
+            max_bytes=self.limits.max_bytes,
+            oldest_ready_age_s=None
+            if oldest_ready_ms is None
+            else max(0.0, (now_ms - oldest_ready_ms) / 1000),
+            longest_open_idle_s=max(0.0, (now_ms - oldest_open[0][1]) / 1000) if oldest_open else None,
+            group_size=int(config[0]) if config[0] else self.limits.group_size,
+            task_type=config[1],
+            totals={name: int(value) for name, value in counters.items()},
+        )

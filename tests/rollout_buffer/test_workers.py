@@ -1,0 +1,233 @@
+"""Rollout workers against a real engine (tiny model) and the real reward service: a worker killed with SIGKILL
+mid-task has its tasks finished by another worker, each group stored once; partial samples are continued."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rollout_buffer import metrics
+from rollout_buffer.arguments import parse_args
+from rollout_buffer.store import BufferStore, StoreLimits
+from rollout_buffer.tasks import RolloutTask, submit_tasks, task_queue
+from rollout_buffer.workers import RolloutWorker
+from services.core.embedded_redis import EmbeddedRedis
+from services.core.net import free_port
+from services.core.sample import Sample
+from services.core.supervisor import ServiceProcess
+
+# Starts a model server and a reward server: tens of seconds on a busy machine.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A tiny model served by the built-in engine, and the reward service (f1) with gRPC."""
+    root = tmp_path_factory.mktemp("stack")
+    model = root / "model"
+    engine_port, reward_port, reward_grpc = free_port(), free_port(), free_port()
+    # Built in a child so that torch loads there, while the reward service starts beside it.
+    builder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from services.core.tiny_model import build_tiny_model; build_tiny_model({str(model)!r})",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    engine = ServiceProcess(
+        "engine",
+        [
+            sys.executable,
+            "-m",
+            "services.rollout_engine.server",
+            "--hf-checkpoint",
+            str(model),
+            "--port",
+            str(engine_port),
+        ],
+        health_url=f"http://127.0.0.1:{engine_port}/health",
+        log_path=root / "engine.log",
+    )
+    reward = ServiceProcess(
+        "reward",
+        [
+            sys.executable,
+            "-m",
+            "services.reward_model.server",
+            "--rm-type",
+            "f1",
+            "--num-workers",
+            "1",
+            "--port",
+            str(reward_port),
+            "--grpc-port",
+            str(reward_grpc),
+        ],
+        health_url=f"http://127.0.0.1:{reward_port}/health",
+        log_path=root / "reward.log",
+    )
+    reward.start()
+    try:
+        assert builder.wait(180) == 0, "building the tiny model failed"
+        engine.start()
+        engine.wait_healthy(120)
+        reward.wait_healthy(60)
+        yield {
+            "model": str(model),
+            "engine_url": f"http://127.0.0.1:{engine_port}",
+            "reward_grpc": f"127.0.0.1:{reward_grpc}",
+        }
+    finally:
+        engine.stop()
+        reward.stop()
+
+
+def _worker_argv(stack: dict[str, str], redis_url: str, *extra: str) -> list[str]:
+    return [
+        "--redis-url",
+        redis_url,
+        "--hf-checkpoint",
+        stack["model"],
+        "--router-url",
+        stack["engine_url"],
+        "--reward-grpc-addr",
+        stack["reward_grpc"],
+        "--worker-reclaim-idle",
+        "1",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+
+
+def _task(group: int, max_new_tokens: int, samples: list[Sample] | None = None) -> RolloutTask:
+    samples = samples or [
+        Sample(group_index=group, index=group * 2 + i, prompt="2+2=", label="4", uid=f"g{group}-s{i}")
+        for i in range(2)
+    ]
+    return RolloutTask(
+        group_id=f"g{group}",
+        rollout_id=0,
+        samples=samples,
+        sampling_params={"max_new_tokens": max_new_tokens, "temperature": 1.0, "ignore_eos": True},
+        weight_version=0,
+        task_type="math",
+    )
+
+
+async def _run_in_process(args, store: BufferStore, until) -> RolloutWorker:
+    worker = RolloutWorker(args, store, run_id="default", concurrency=16, reclaim_idle_s=1.0)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    deadline = time.monotonic() + 60
+    while not await until():
+        assert time.monotonic() < deadline and not running.done(), "the worker did not finish the tasks"
+        await asyncio.sleep(0.1)
+    stop.set()
+    await running
+    return worker
+
+
+async def test_a_worker_killed_mid_task_is_replaced_and_every_group_is_stored_once(
+    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client, tmp_path: Path
+) -> None:
+    tasks = [_task(g, max_new_tokens=96) for g in range(6)]
+    await submit_tasks(redis_client, "default", tasks)
+    queue = task_queue(redis_client, "default")
+    doomed = ServiceProcess(
+        "worker-a",
+        [sys.executable, "-m", "rollout_buffer.workers", *_worker_argv(stack, redis_server.url)],
+        log_path=tmp_path / "worker-a.log",
+    ).start()
+    try:
+        deadline = time.monotonic() + 60
+        while await queue.pending_count() < len(tasks):
+            assert doomed.alive() and time.monotonic() < deadline, "worker A never took the tasks"
+            await asyncio.sleep(0.05)
+        doomed.kill()
+    finally:
+        doomed.stop()
+    store = BufferStore(redis_client, StoreLimits())
+    held_by_dead = await queue.pending_count()
+    assert held_by_dead > 0, "worker A finished everything before it was killed"
+    reclaimed_before = metrics.WORKER_RECLAIMED._value.get()
+
+    async def all_done() -> bool:
+        return await queue.pending_count() == 0
+
+    args = parse_args(_worker_argv(stack, redis_server.url))
+    await _run_in_process(args, store, all_done)
+    assert metrics.WORKER_RECLAIMED._value.get() - reclaimed_before == held_by_dead
+
+    groups = (await store.lease("default", 100)).groups
+    assert sorted(g.instance_id for g in groups) == [f"g{i}" for i in range(6)]
+    uids = [item["uid"] for g in groups for item in g.items]
+    assert sorted(uids) == sorted(s.uid for t in tasks for s in t.samples)
+    for group in groups:
+        for sample in map(Sample.from_dict, group.items):
+            assert sample.status == Sample.Status.TRUNCATED and sample.response_length == 96
+            assert len(sample.rollout_log_probs) == 96 and len(sample.tokens) > 96
+            assert sample.weight_versions == ["default"]
+            assert isinstance(sample.reward, float) and 0.0 <= sample.reward <= 1.0
+    assert await redis_client.xlen("slime:default:tasks:dead") == 0
+
+
+async def test_partial_samples_are_continued_and_group_rm_scores_the_group(
+    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client
+) -> None:
+    args = parse_args(_worker_argv(stack, redis_server.url, "--group-rm"))
+    store = BufferStore(redis_client, StoreLimits())
+    fresh = Sample(prompt="1+1=", label="2", uid="fresh")
+    first = RolloutTask(
+        group_id="seed",
+        rollout_id=0,
+        samples=[fresh],
+        sampling_params={"max_new_tokens": 3, "ignore_eos": True},
+    )
+    await submit_tasks(redis_client, "default", [first])
+    queue = task_queue(redis_client, "default")
+
+    async def drained() -> bool:
+        return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
+
+    await _run_in_process(args, store, drained)
+    [group] = (await store.lease("default", 5)).groups
+    await store.ack("default", [group.lease_id])
+    partial = Sample.from_dict(group.items[0])
+    assert partial.response_length == 3
+    # Continue it as an aborted sample in a later rollout, beside a sample that is already finished.
+    partial.status = Sample.Status.ABORTED
+    done = Sample(
+        prompt="x",
+        response="y",
+        response_length=1,
+        tokens=[1, 2],
+        reward=0.25,
+        status="completed",
+        uid="done",
+    )
+    later = RolloutTask(
+        group_id="seed",
+        rollout_id=1,
+        samples=[partial, done],
+        sampling_params={"max_new_tokens": 8, "ignore_eos": True},
+    )
+    await submit_tasks(redis_client, "default", [later])
+    await _run_in_process(args, store, drained)
+    [group] = (await store.lease("default", 5)).groups
+    continued, untouched = (Sample.from_dict(item) for item in group.items)
+    assert continued.uid == "fresh" and continued.response_length == 8
+    assert continued.tokens[: len(partial.tokens)] == partial.tokens
+    assert continued.rollout_log_probs[:3] == partial.rollout_log_probs
+    assert continued.response.startswith(partial.response)
+    assert untouched.tokens == [1, 2] and untouched.status == Sample.Status.COMPLETED
+    # --group-rm: the reward service scored the whole group, the finished sample included.
+    assert isinstance(continued.reward, float) and isinstance(untouched.reward, float)

@@ -1,0 +1,148 @@
+"""The torch backend on CPU with one in-process rank: on-policy first step, log-probs, learning, PPO, options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.trainer.helpers import random_batch, trainer_args
+from trainer.backends.torch_backend import TorchTrainer
+
+
+def hf_log_probs(model_dir, batch, temperature: float) -> list[torch.Tensor]:
+    """Each sample alone through a plain transformers model: log_softmax(logits / T) of its response tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for tokens, response in zip(batch.tokens, batch.response_lengths, strict=True):
+            ids = torch.tensor([tokens])
+            logits = model(input_ids=ids, position_ids=torch.arange(len(tokens)).unsqueeze(0), use_cache=False).logits[0]
+            logp = torch.log_softmax(logits[len(tokens) - response - 1 : len(tokens) - 1].float() / temperature, -1)
+            out.append(logp.gather(-1, ids[0, len(tokens) - response :].unsqueeze(-1)).squeeze(-1))
+    return out
+
+
+def test_first_step_is_exactly_on_policy(tiny_model_dir):
+    args = trainer_args(
+        tiny_model_dir,
+        "--use-kl-loss",
+        "--kl-loss-coef",
+        "0.1",
+        "--kl-loss-type",
+        "low_var_kl",
+        "--use-tis",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+    )
+    with TorchTrainer(args) as trainer:
+        batch = random_batch(8)
+        batch.rollout_log_probs = trainer.compute_log_probs(batch)
+        result = trainer.train_step(batch, rollout_id=0)
+        first = result.steps[0]
+        assert first["ppo_kl"] == 0.0
+        assert first["pg_clipfrac"] == 0.0
+        assert first["kl_loss"] == 0.0
+        assert first["tis"] == 1.0 and first["tis_clipfrac"] == 0.0
+        assert result.rollout["kl"] == 0.0
+        assert result.rollout["train_rollout_logprob_abs_diff"] == 0.0
+        # the second step of the rollout has moved off-policy, and the policy away from the reference
+        assert result.steps[1]["ppo_kl"] != 0.0
+        second = trainer.train_step(batch, rollout_id=1)
+        assert second.steps[0]["ppo_kl"] == 0.0
+        assert second.steps[0]["kl_loss"] > 0.0
+
+
+def test_packed_log_probs_match_single_sequences_and_true_on_policy_is_bitwise(tiny_model_dir):
+    batch = random_batch(8, seed=3)
+    expected = hf_log_probs(tiny_model_dir, batch, temperature=0.7)
+    packed_args = trainer_args(tiny_model_dir, "--micro-batch-size", "4", "--rollout-temperature", "0.7")
+    with TorchTrainer(packed_args) as trainer:
+        packed = trainer.compute_log_probs(batch)
+    for got, want in zip(packed, expected, strict=True):
+        assert torch.allclose(torch.tensor(got), want, atol=1e-5)
+    exact_args = trainer_args(tiny_model_dir, "--true-on-policy-mode", "--micro-batch-size", "4", "--rollout-temperature", "0.7")
+    with TorchTrainer(exact_args) as trainer:
+        exact = trainer.compute_log_probs(batch)
+    for got, want in zip(exact, expected, strict=True):
+        assert got == want.tolist()
+
+
+def test_sft_loss_goes_down(tiny_model_dir):
+    args = trainer_args(
+        tiny_model_dir,
+        "--loss-type",
+        "sft_loss",
+        "--disable-compute-advantages-and-returns",
+        "--lr",
+        "1e-2",
+        "--lr-decay-style",
+        "constant",
+        "--micro-batch-size",
+        "4",
+    )
+    batch = random_batch(8, seed=5)
+    with TorchTrainer(args) as trainer:
+        losses = [trainer.train_step(batch, rollout_id=i).steps[0]["loss"] for i in range(4)]
+    assert losses[-1] < losses[0] - 0.5
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_ppo_trains_a_critic_and_the_actor_after_critic_only_steps(tiny_model_dir):
+    args = trainer_args(
+        tiny_model_dir,
+        "--advantage-estimator",
+        "ppo",
+        "--num-critic-only-steps",
+        "1",
+        "--critic-lr",
+        "1e-2",
+        "--lambd",
+        "0.95",
+        "--gamma",
+        "0.99",
+        "--kl-coef",
+        "0.01",
+        "--normalize-advantages",
+    )
+    batch = random_batch(8, seed=7)
+    with TorchTrainer(args) as trainer:
+        assert trainer.critic is not None
+        first = trainer.train_step(batch, rollout_id=0)
+        assert first.steps == [] and first.critic_steps
+        second = trainer.train_step(batch, rollout_id=1)
+        assert second.steps and second.critic_steps
+        assert second.critic_steps[0]["value_loss"] < first.critic_steps[0]["value_loss"]
+        assert abs(second.rollout["advantages"]) < 1.0
+        assert "values" in second.rollout
+
+
+def test_dynamic_batch_size_and_per_token_loss_run(tiny_model_dir):
+    args = trainer_args(
+        tiny_model_dir,
+        "--use-dynamic-batch-size",
+        "--max-tokens-per-gpu",
+        "16",
+        "--calculate-per-token-loss",
+        "--eps-clip-c",
+        "3.0",
+        "--entropy-coef",
+        "0.01",
+    )
+    with TorchTrainer(args) as trainer:
+        result = trainer.train_step(random_batch(8, seed=11), rollout_id=0)
+    assert result.steps[0]["ppo_kl"] == 0.0
+    assert result.steps[0]["pg_dualclip_frac"] == 0.0
+    assert math.isfinite(result.steps[0]["grad_norm"])
+
+
+def test_a_rollout_must_fill_whole_global_batches(tiny_model_dir):
+    args = trainer_args(tiny_model_dir, "--global-batch-size", "4")
+    with TorchTrainer(args) as trainer, pytest.raises(ValueError, match="--global-batch-size 4"):
+        trainer.train_step(random_batch(6), rollout_id=0)

@@ -1,0 +1,71 @@
+"""Token log-probabilities and entropy on temperature-scaled logits, computed the way the rollout engine does.
+
+For logits z over the vocabulary and rollout temperature τ (``--rollout-temperature``):
+``log π(y) = log_softmax(z / τ)[y]`` and ``H = −Σ_v p_v log p_v`` with ``p = softmax(z / τ)``, both in float32.
+In a packed row, the logits at position j predict the token at j + 1, so a sample of total length L whose response
+is its last R tokens and which starts at offset o reads logits ``[o + L − R − 1, o + L − 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def token_log_probs(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(log_probs [T], entropy [T] | None)`` for logits ``[T, V]`` and target token ids ``[T]``."""
+    if temperature <= 0:
+        raise ValueError(f"--rollout-temperature must be > 0 to compute log-probs, got {temperature}")
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    log_softmax = torch.log_softmax(scaled, dim=-1)
+    log_probs = log_softmax.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)
+    return log_probs, entropy
+
+
+def response_slices(total_lengths: Sequence[int], response_lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """For samples packed back to back, the ``[start, end)`` rows of the logits that predict each response."""
+    slices = []
+    offset = 0
+    for total, response in zip(total_lengths, response_lengths, strict=True):
+        if response > total - 1:
+            raise ValueError(
+                f"response length {response} leaves no prompt token in a sequence of {total} tokens"
+            )
+        slices.append((offset + total - response - 1, offset + total - 1))
+        offset += total
+    return slices
+
+
+def packed_response_log_probs(
+    logits: torch.Tensor,
+    tokens: Sequence[torch.Tensor],
+    total_lengths: Sequence[int],
+    response_lengths: Sequence[int],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per-sample response log-probs (and entropies) from the logits ``[T_packed, V]`` of a packed row."""
+    log_probs: list[torch.Tensor] = []
+    entropies: list[torch.Tensor] | None = [] if with_entropy else None
+    for (start, end), sample_tokens, response in zip(
+        response_slices(total_lengths, response_lengths), tokens, response_lengths, strict=True
+    ):
+        lp, ent = token_log_probs(
+            logits[start:end],
+            sample_tokens[len(sample_tokens) - response :],
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
+        log_probs.append(lp)
+        if entropies is not None:
+            entropies.append(ent)
+    return log_probs, entropies

@@ -1,0 +1,1 @@
+"""Training backends and the batch type they consume."""

@@ -1,0 +1,152 @@
+"""Hugging Face models for the torch backend: loading the policy and the critic, FSDP2 sharding, forward passes on
+packed rows, and host-memory weight copies (reference model, old actor) swapped into the live model on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from trainer.data_packing import PackedBatch
+
+logger = logging.getLogger(__name__)
+
+
+def load_policy(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """``AutoModelForCausalLM`` from a Hugging Face directory, without dropout (RL log-probs must be reproducible)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return _prepare(model, device)
+
+
+def load_critic(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The critic: the policy's transformer with a ``hidden → 1`` value head (``AutoModelForTokenClassification``
+    with one label), initialised from a causal-LM or token-classification directory."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, num_labels=1)
+    return _prepare(model, device)
+
+
+def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    model.config.use_cache = False
+    # eval() only switches dropout off; gradients flow as usual.
+    model.eval()
+    return model.to(device)
+
+
+def apply_fsdp(model: nn.Module, mesh, *, param_dtype: torch.dtype | None) -> nn.Module:
+    """Shard every decoder layer, then the root (embeddings, final norm, head), with FSDP2 ``fully_shard``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = _decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    return model
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers found to shard (expected base_model.layers)"
+        )
+    return list(layers)
+
+
+def architecture_name(model: nn.Module) -> str:
+    """The Hugging Face class name of a (possibly FSDP-wrapped) model, for ``config.architectures``."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
+
+
+def forward_logits(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """Logits ``[T, V]`` (or values ``[T, 1]``) of one packed row."""
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    return out.logits[0]
+
+
+def reshard(model: nn.Module) -> None:
+    """Return FSDP2 modules to their sharded parameters (the root stays unsharded after a forward without backward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters by their Hugging Face name, sharded (FSDP2 keeps names; tied weights appear once)."""
+    reshard(model)
+    yield from model.named_parameters()
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (the whole tensor when it is not sharded)."""
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def full_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter; a collective over the mesh for a sharded one, so every rank must call it."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+@dataclass
+class TensorStore:
+    """Host-memory copies of this rank's parameter shards, by name (pinned when training on CUDA)."""
+
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def snapshot(cls, model: nn.Module) -> TensorStore:
+        tensors = {}
+        for name, param in named_parameters(model):
+            local = local_tensor(param.detach())
+            host = torch.empty(local.shape, dtype=local.dtype, pin_memory=local.is_cuda)
+            host.copy_(local)
+            tensors[name] = host
+        return cls(tensors)
+
+    @classmethod
+    def from_full_state(cls, model: nn.Module, state: dict[str, torch.Tensor]) -> TensorStore:
+        """This rank's shards of a full (unsharded) state dict, e.g. a reference model read from disk."""
+        tensors = {}
+        for name, param in named_parameters(model):
+            if name not in state:
+                raise KeyError(f"weights {name!r} missing from the loaded state (have {len(state)} tensors)")
+            full = state[name].to(param.dtype)
+            if isinstance(param, DTensor):
+                # Every rank holds the full tensor, so each cuts its own shard without communication.
+                full = distribute_tensor(
+                    full.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+                ).to_local()
+            host = torch.empty(full.shape, dtype=full.dtype, pin_memory=param.is_cuda)
+            host.copy_(full)
+            tensors[name] = host
+        return cls(tensors)
+
+    def update_from(self, model: nn.Module) -> None:
+        for name, param in named_parameters(model):
+            self.tensors[name].copy_(local_tensor(param.detach()))
+
+    def copy_from(self, other: TensorStore) -> None:
+        for name, tensor in self.tensors.items():
+            tensor.copy_(other.tensors[name])
+
+    @torch.no_grad()
+    def load_into(self, model: nn.Module) -> None:
+        for name, param in named_parameters(model):
+            local_tensor(param).copy_(self.tensors[name], non_blocking=True)
+        if any(t.is_pinned() for t in self.tensors.values()):
+            torch.cuda.synchronize()

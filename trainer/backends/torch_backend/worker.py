@@ -1,0 +1,774 @@
+"""One training rank of the torch backend: its model shard, optimizer and schedule, the log-prob, advantage and
+training passes over its share of a rollout, checkpoints and the weight push to engines.
+
+Ranks of one group (the actor's or the critic's) form a torch.distributed world (gloo on CPU, NCCL on GPU) and
+shard the model with FSDP2; a group of one rank runs the plain model in the caller's process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint
+from trainer.algorithms.advantages import AdvantageConfig, compute_advantages_and_returns
+from trainer.algorithms.logprobs import packed_response_log_probs, response_slices
+from trainer.algorithms.loss import LossConfig, PolicyLossInputs, policy_loss, sft_loss, value_loss
+from trainer.algorithms.reduction import make_reducer, normalizer
+from trainer.algorithms.tis import load_tis_function
+from trainer.backends.batch import RolloutBatch
+from trainer.backends.torch_backend import model as model_lib
+from trainer.backends.torch_backend.optim import LRSchedule, OptimizerConfig, build_optimizer
+from trainer.data_packing import (
+    dynamic_micro_batches,
+    first_fit_bins,
+    fixed_micro_batches,
+    pack_sequences,
+    partition_for_dp,
+)
+from trainer.weight_sync.engine_client import EngineClient
+from trainer.weight_sync.transports import (
+    DiskSender,
+    DistributedSender,
+    TensorSender,
+    WeightSender,
+    plan_buckets,
+)
+
+logger = logging.getLogger(__name__)
+
+ACTOR, CRITIC = "actor", "critic"
+
+
+@dataclass(frozen=True)
+class DistInit:
+    """Where the ranks of one group meet (a TCP store hosted by rank 0)."""
+
+    master_addr: str
+    master_port: int
+    timeout_minutes: int = 10
+
+
+@dataclass(frozen=True)
+class WeightPushRequest:
+    """One weight push: the engines (base URLs), the transport and the version to publish."""
+
+    engines: tuple[str, ...]
+    transport: str
+    version: str
+    disk_dir: str | None = None
+    master_port: int | None = None
+    auth_token: str | None = None
+
+
+@dataclass
+class WeightPushReport:
+    transport: str
+    version: str
+    bytes: int
+    seconds: float
+    buckets: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class LocalRollout:
+    """This rank's samples of a rollout and everything computed for them (per-sample response tensors)."""
+
+    indices: list[int]
+    tokens: list[list[int]]
+    total_lengths: list[int]
+    response_lengths: list[int]
+    loss_masks: list[torch.Tensor]
+    rewards: list[float]
+    rollout_log_probs: list[torch.Tensor] | None
+    steps: list[list[list[int]]]
+    log_prob_steps: list[list[list[int]]]
+    log_probs: list[torch.Tensor] | None = None
+    ref_log_probs: list[torch.Tensor] | None = None
+    entropy: list[torch.Tensor] | None = None
+    ref_entropy: list[torch.Tensor] | None = None
+    values: list[torch.Tensor] | None = None
+    advantages: list[torch.Tensor] | None = None
+    returns: list[torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _pick_device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+class TrainWorker:
+    """One rank of the actor or critic group."""
+
+    def __init__(
+        self, args: Any, *, role: str, rank: int, world_size: int, dist_init: DistInit | None
+    ) -> None:
+        if role not in (ACTOR, CRITIC):
+            raise ValueError(f"unknown training role {role!r}")
+        if args.hf_checkpoint is None:
+            raise ValueError("--train-backend fsdp needs --hf-checkpoint: the Hugging Face model to train")
+        self.args = args
+        self.role = role
+        self.rank = rank
+        self.world_size = world_size
+        self.device = _pick_device(rank)
+        self.group: dist.ProcessGroup | None = None
+        if world_size > 1:
+            if dist_init is None:
+                raise ValueError("a multi-rank group needs a rendezvous address")
+            if self.device.type == "cpu":
+                # Ranks share the host's cores; oversubscribed thread pools slow every rank down (torchrun
+                # likewise defaults each process to a share of the cores).
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{dist_init.master_addr}:{dist_init.master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=timedelta(minutes=dist_init.timeout_minutes),
+            )
+            self.group = dist.group.WORLD
+        if args.deterministic_mode:
+            torch.use_deterministic_algorithms(True)
+        if args.true_on_policy_mode and self.device.type == "cuda":
+            _enable_batch_invariant_kernels()
+        torch.manual_seed(args.seed)
+
+        self.compute_dtype = torch.bfloat16 if args.bf16 else None
+        init_path = self._initial_weights_path()
+        loader = model_lib.load_policy if role == ACTOR else model_lib.load_critic
+        self.model = loader(init_path, dtype=torch.float32, device=self.device)
+        self.architecture = model_lib.architecture_name(self.model)
+        self.hf_config = self.model.config
+        if world_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (world_size,))
+            model_lib.apply_fsdp(self.model, mesh, param_dtype=self.compute_dtype)
+
+        self.steps_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+        total_steps = args.num_rollout * self.steps_per_rollout if args.num_rollout else None
+        self.optim_config = OptimizerConfig.from_args(args, role=role, total_steps=total_steps)
+        self.optimizer = build_optimizer(self.model.parameters(), self.optim_config)
+        self.schedule = LRSchedule(self.optimizer, self.optim_config)
+        self.loss_config = LossConfig.from_args(args)
+        self.adv_config = AdvantageConfig.from_args(args)
+        self.tis_fn = (
+            functools.partial(load_tis_function(args.custom_tis_function_path), args)
+            if args.use_tis
+            else None
+        )
+        self.custom_loss = None
+        if role == ACTOR and args.loss_type == "custom_loss":
+            from services.core.plugins import load_function
+
+            self.custom_loss = load_function(
+                args.custom_loss_function_path, flag="--custom-loss-function-path"
+            )
+
+        self.stores: dict[str, model_lib.TensorStore] = {}
+        if role == ACTOR:
+            if args.kl_coef != 0 or args.use_kl_loss:
+                self.stores["ref"] = self._load_reference()
+            self._reset_old_actor_stores()
+        self.local: LocalRollout | None = None
+        self.senders: dict[tuple[str, tuple[str, ...], int | None], WeightSender] = {}
+        logger.info(
+            "%s rank %d/%d on %s: %s from %s",
+            role,
+            rank,
+            world_size,
+            self.device,
+            self.architecture,
+            init_path,
+        )
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _initial_weights_path(self) -> str:
+        if (
+            self.role == CRITIC
+            and self.args.critic_load
+            and (Path(self.args.critic_load) / "config.json").is_file()
+        ):
+            return self.args.critic_load
+        return self.args.hf_checkpoint
+
+    def _load_reference(self) -> model_lib.TensorStore:
+        """The reference model's shards in host memory: ``--ref-load`` (a checkpoint, at ``--ref-ckpt-step`` or its
+        latest, or a Hugging Face directory), else the initial ``--hf-checkpoint`` weights."""
+        ref_load = self.args.ref_load
+        if ref_load is None:
+            return model_lib.TensorStore.snapshot(self.model)
+        if checkpoint.is_checkpoint_root(ref_load):
+            step = checkpoint.resolve_iteration(ref_load, self.args.ref_ckpt_step, flag="--ref-load")
+            own = model_lib.TensorStore.snapshot(self.model)
+            checkpoint.load_model(checkpoint.iteration_dir(ref_load, step) / "model", self.model)
+            ref = model_lib.TensorStore.snapshot(self.model)
+            own.load_into(self.model)
+            logger.info("reference model: %s at rollout %d", ref_load, step)
+            return ref
+        logger.info("reference model: Hugging Face weights %s", ref_load)
+        return model_lib.TensorStore.from_full_state(
+            self.model, checkpoint.read_hf_weights(ref_load, flag="--ref-load")
+        )
+
+    def _reset_old_actor_stores(self) -> None:
+        if self.args.keep_old_actor:
+            self.stores["old_actor"] = model_lib.TensorStore.snapshot(self.model)
+            if self.args.update_weights_interval == 1:
+                self.stores["rollout_actor"] = model_lib.TensorStore.snapshot(self.model)
+
+    # --------------------------------------------------------------------------------------- collectives
+    def _all_reduce(self, values: Sequence[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+        if self.group is None:
+            return [float(v) for v in values]
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    # ------------------------------------------------------------------------------------------- batches
+    def _localize(self, batch: RolloutBatch) -> LocalRollout:
+        args = self.args
+        n = len(batch)
+        if n == 0 or n % args.global_batch_size:
+            raise ValueError(
+                f"a rollout of {n} samples is not a positive multiple of --global-batch-size {args.global_batch_size}"
+            )
+        if args.global_batch_size % self.world_size:
+            raise ValueError(
+                f"--global-batch-size {args.global_batch_size} does not split over {self.world_size} data-parallel ranks"
+            )
+        parts = partition_for_dp(
+            batch.total_lengths,
+            self.world_size,
+            balance=args.balance_data,
+            group_size=args.n_samples_per_prompt,
+        )
+        indices = parts[self.rank]
+        local = batch.select(indices)
+        local_gbs = args.global_batch_size // self.world_size
+        num_steps = n // args.global_batch_size
+        lengths = local.total_lengths
+        step_samples = [list(range(s * local_gbs, (s + 1) * local_gbs)) for s in range(num_steps)]
+        steps = self._micro_batches(step_samples, lengths, args.max_tokens_per_gpu)
+        log_prob_steps = steps
+        if args.use_dynamic_batch_size and args.log_probs_max_tokens_per_gpu not in (
+            None,
+            args.max_tokens_per_gpu,
+        ):
+            log_prob_steps = self._micro_batches(step_samples, lengths, args.log_probs_max_tokens_per_gpu)
+        return LocalRollout(
+            indices=indices,
+            tokens=local.tokens,
+            total_lengths=lengths,
+            response_lengths=local.response_lengths,
+            loss_masks=[torch.tensor(m, dtype=torch.float32, device=self.device) for m in local.loss_masks],
+            rewards=local.rewards,
+            rollout_log_probs=None
+            if local.rollout_log_probs is None
+            else [
+                torch.tensor(lp, dtype=torch.float32, device=self.device) for lp in local.rollout_log_probs
+            ],
+            steps=steps,
+            log_prob_steps=log_prob_steps,
+        )
+
+    def _micro_batches(
+        self, step_samples: list[list[int]], lengths: list[int], max_tokens: int | None
+    ) -> list[list[list[int]]]:
+        """Per step, the micro-batches (lists of local sample positions); every rank gets the same count."""
+        args = self.args
+        if args.true_on_policy_mode:
+            # One sequence per forward: its numerics cannot depend on what it is batched with.
+            return [[[i] for i in samples] for samples in step_samples]
+        if not args.use_dynamic_batch_size:
+            return [
+                [[samples[j] for j in mb] for mb in fixed_micro_batches(len(samples), args.micro_batch_size)]
+                for samples in step_samples
+            ]
+        counts = [first_fit_bins([lengths[i] for i in samples], max_tokens) for samples in step_samples]
+        counts = [int(c) for c in self._all_reduce(counts, op=dist.ReduceOp.MAX)]
+        out = []
+        for samples, count in zip(step_samples, counts, strict=True):
+            parts = dynamic_micro_batches([lengths[i] for i in samples], min(count, len(samples)))
+            out.append([[samples[j] for j in part] for part in parts if part])
+        return out
+
+    # ----------------------------------------------------------------------------------------- forwards
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.compute_dtype is not None and self.group is None:
+            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                yield
+        else:
+            yield
+
+    def _forward(self, local: LocalRollout, positions: list[int]) -> torch.Tensor:
+        packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
+        with self._autocast():
+            return model_lib.forward_logits(self.model, packed)
+
+    def _response_log_probs(
+        self, logits: torch.Tensor, local: LocalRollout, positions: list[int], *, with_entropy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        return packed_response_log_probs(
+            logits,
+            [torch.as_tensor(local.tokens[i], device=self.device) for i in positions],
+            [local.total_lengths[i] for i in positions],
+            [local.response_lengths[i] for i in positions],
+            temperature=self.args.rollout_temperature,
+            with_entropy=with_entropy,
+        )
+
+    @torch.no_grad()
+    def _log_prob_pass(
+        self, local: LocalRollout, *, with_entropy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        log_probs: list[torch.Tensor | None] = [None] * len(local.tokens)
+        entropy: list[torch.Tensor | None] = [None] * len(local.tokens)
+        for step in local.log_prob_steps:
+            for positions in step:
+                logits = self._forward(local, positions)
+                lps, ents = self._response_log_probs(logits, local, positions, with_entropy=with_entropy)
+                for k, i in enumerate(positions):
+                    log_probs[i] = lps[k]
+                    if ents is not None:
+                        entropy[i] = ents[k]
+        return log_probs, (entropy if with_entropy else None)
+
+    @torch.no_grad()
+    def _value_pass(self, local: LocalRollout) -> list[torch.Tensor]:
+        values: list[torch.Tensor | None] = [None] * len(local.tokens)
+        for step in local.log_prob_steps:
+            for positions in step:
+                out = self._forward(local, positions).float()[:, 0]
+                lengths = [local.total_lengths[i] for i in positions]
+                responses = [local.response_lengths[i] for i in positions]
+                for k, (start, end) in enumerate(response_slices(lengths, responses)):
+                    values[positions[k]] = out[start:end]
+        return values
+
+    def _with_weights(self, tag: str) -> contextlib.AbstractContextManager[None]:
+        """Swap a stored set of weights into the model for the duration of a forward-only pass."""
+
+        @contextlib.contextmanager
+        def swap() -> Iterator[None]:
+            if "actor" in self.stores:
+                self.stores["actor"].update_from(self.model)
+            else:
+                self.stores["actor"] = model_lib.TensorStore.snapshot(self.model)
+            own = self.stores["actor"]
+            self.stores[tag].load_into(self.model)
+            try:
+                yield
+            finally:
+                own.load_into(self.model)
+
+        return swap()
+
+    # ----------------------------------------------------------------------------------------- actor API
+    def compute_log_probs(self, batch: RolloutBatch) -> dict[int, list[float]]:
+        """Response log-probs of the current weights for this rank's samples, keyed by position in ``batch``."""
+        local = self._localize(batch)
+        log_probs, _ = self._log_prob_pass(local, with_entropy=False)
+        return {idx: lp.tolist() for idx, lp in zip(local.indices, log_probs, strict=True)}
+
+    def prepare(self, batch: RolloutBatch, values: list[list[float]] | None = None) -> dict[int, list[float]]:
+        """Reference and old-policy log-probs, advantages and returns for this rank's samples; returns the returns
+        (for the critic), keyed by position in ``batch``."""
+        args = self.args
+        local = self._localize(batch)
+        if args.compute_advantages_and_returns:
+            if "ref" in self.stores:
+                with self._with_weights("ref"):
+                    local.ref_log_probs, local.ref_entropy = self._log_prob_pass(
+                        local, with_entropy=args.use_rollout_entropy
+                    )
+            if args.keep_old_actor:
+                with self._with_weights("old_actor"):
+                    local.log_probs, local.entropy = self._log_prob_pass(
+                        local, with_entropy=args.use_rollout_entropy
+                    )
+            else:
+                local.log_probs, local.entropy = self._log_prob_pass(
+                    local, with_entropy=args.use_rollout_entropy
+                )
+            if values is not None:
+                local.values = [
+                    torch.tensor(values[i], dtype=torch.float32, device=self.device) for i in local.indices
+                ]
+            local.advantages, local.returns = compute_advantages_and_returns(
+                self.adv_config,
+                rewards=local.rewards,
+                response_lengths=local.response_lengths,
+                loss_masks=[m.cpu() for m in local.loss_masks],
+                log_probs=None if local.log_probs is None else [t.cpu() for t in local.log_probs],
+                ref_log_probs=None if local.ref_log_probs is None else [t.cpu() for t in local.ref_log_probs],
+                values=None if local.values is None else [t.cpu() for t in local.values],
+                group=self.group,
+            )
+            local.advantages = [a.to(self.device) for a in local.advantages]
+            local.returns = [r.to(self.device) for r in local.returns]
+        local.metrics = self._rollout_metrics(local)
+        self.local = local
+        if local.returns is None:
+            return {}
+        return {idx: r.tolist() for idx, r in zip(local.indices, local.returns, strict=True)}
+
+    def _rollout_metrics(self, local: LocalRollout) -> dict[str, float]:
+        """Means over the rollout's samples of each per-token quantity's masked mean (slime's rollout/* keys)."""
+        series: dict[str, list[torch.Tensor] | None] = {
+            "log_probs": local.log_probs,
+            "ref_log_probs": local.ref_log_probs,
+            "entropy": local.entropy,
+            "ref_entropy": local.ref_entropy,
+            "values": local.values,
+            "advantages": local.advantages,
+            "returns": local.returns,
+            "rollout_log_probs": local.rollout_log_probs,
+        }
+        if local.log_probs is not None and local.rollout_log_probs is not None:
+            series["train_rollout_logprob_abs_diff"] = [
+                (a - b).abs() for a, b in zip(local.log_probs, local.rollout_log_probs, strict=True)
+            ]
+        if local.log_probs is not None and local.ref_log_probs is not None:
+            series["kl"] = [a - b for a, b in zip(local.log_probs, local.ref_log_probs, strict=True)]
+        names = [k for k, v in series.items() if v is not None]
+        sums = []
+        for name in names:
+            sums.append(
+                sum(
+                    float((t * m).sum() / m.sum().clamp_min(1))
+                    for t, m in zip(series[name], local.loss_masks, strict=True)
+                )
+            )
+        totals = self._all_reduce([*sums, len(local.tokens)])
+        count = max(totals[-1], 1.0)
+        return {name: total / count for name, total in zip(names, totals[:-1], strict=True)}
+
+    # ---------------------------------------------------------------------------------------- critic API
+    def compute_values(self, batch: RolloutBatch) -> dict[int, list[float]]:
+        """The critic's values of this rank's samples (kept for its own update), keyed by position in ``batch``."""
+        local = self._localize(batch)
+        local.values = self._value_pass(local)
+        self.local = local
+        return {idx: v.tolist() for idx, v in zip(local.indices, local.values, strict=True)}
+
+    def set_returns(self, returns: list[list[float]]) -> None:
+        """Give the critic the returns computed on the actor side (positions of the batch it last saw)."""
+        if self.local is None or self.local.values is None:
+            raise RuntimeError("compute_values must run before set_returns")
+        self.local.returns = [
+            torch.tensor(returns[i], dtype=torch.float32, device=self.device) for i in self.local.indices
+        ]
+
+    # -------------------------------------------------------------------------------------------- train
+    def train(self, rollout_id: int) -> dict[str, Any]:
+        """Every optimizer step of the prepared rollout; returns per-step metrics and the rollout metrics."""
+        local = self.local
+        if local is None:
+            raise RuntimeError(
+                "prepare (actor) or compute_values + set_returns (critic) must run before train"
+            )
+        step_metrics = [self._train_step(local, step) for step in local.steps]
+        if self.role == ACTOR:
+            self._after_actor_train(rollout_id)
+        self.local = None
+        return {"steps": step_metrics, "rollout": local.metrics}
+
+    def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
+        per_token = self.loss_config.per_token
+        step_positions = [i for mb in micro_batches for i in mb]
+        denominator = self._all_reduce(
+            [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
+        )[0]
+        denominator = max(denominator, 1.0)
+        scale = self.world_size / denominator
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for k, positions in enumerate(micro_batches):
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                # Reduce gradients across ranks once, after the last micro-batch.
+                self.model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+            loss, metrics = self._micro_batch_loss(local, positions)
+            (loss * scale).backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        keys = sorted(sums)
+        totals = self._all_reduce([sums[k] for k in keys])
+        out = {k: v / denominator for k, v in zip(keys, totals, strict=True)}
+        max_norm = self.optim_config.clip_grad if self.optim_config.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(model_lib.full_tensor(grad_norm))
+        out["grad_norm"] = grad_norm
+        out["lr"] = self.schedule.lr
+        if torch.isfinite(torch.tensor(grad_norm)):
+            self.optimizer.step()
+        else:
+            logger.warning("%s: non-finite gradient norm %s, optimizer step skipped", self.role, grad_norm)
+            out["skipped_step"] = 1.0
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _micro_batch_loss(
+        self, local: LocalRollout, positions: list[int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self._forward(local, positions)
+        masks = [local.loss_masks[i] for i in positions]
+        reduce = make_reducer(masks, per_token=self.loss_config.per_token)
+
+        def pick(values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if values is None else [values[i] for i in positions]
+
+        if self.role == CRITIC:
+            lengths = [local.total_lengths[i] for i in positions]
+            responses = [local.response_lengths[i] for i in positions]
+            out = logits.float()[:, 0]
+            values = [out[s:e] for s, e in response_slices(lengths, responses)]
+            return value_loss(self.loss_config, values, pick(local.values), pick(local.returns), reduce)
+
+        loss_type = self.loss_config.loss_type
+        if loss_type == "custom_loss":
+            return self.custom_loss(
+                self.args, self._slime_batch(local, positions), logits.unsqueeze(0), reduce
+            )
+        need_entropy = loss_type == "policy_loss"
+        log_probs, entropy = self._response_log_probs(logits, local, positions, with_entropy=need_entropy)
+        if loss_type == "sft_loss":
+            return sft_loss(log_probs, reduce)
+        if local.advantages is None or local.log_probs is None:
+            raise ValueError(
+                "--loss-type policy_loss needs advantages: drop --disable-compute-advantages-and-returns or use sft_loss"
+            )
+        inputs = PolicyLossInputs(
+            log_probs=log_probs,
+            entropy=entropy,
+            old_log_probs=pick(local.log_probs),
+            advantages=pick(local.advantages),
+            loss_masks=masks,
+            total_lengths=[local.total_lengths[i] for i in positions],
+            response_lengths=[local.response_lengths[i] for i in positions],
+            ref_log_probs=pick(local.ref_log_probs),
+            rollout_log_probs=pick(local.rollout_log_probs),
+        )
+        return policy_loss(self.loss_config, inputs, reduce, tis_fn=self.tis_fn)
+
+    def _slime_batch(self, local: LocalRollout, positions: list[int]) -> dict[str, Any]:
+        """The micro-batch as slime's loss functions see it (keys of its ``RolloutBatch`` dict)."""
+        tokens = [torch.as_tensor(local.tokens[i], device=self.device) for i in positions]
+        batch: dict[str, Any] = {
+            "unconcat_tokens": tokens,
+            "tokens": tokens,
+            "total_lengths": [local.total_lengths[i] for i in positions],
+            "response_lengths": [local.response_lengths[i] for i in positions],
+            "loss_masks": [local.loss_masks[i] for i in positions],
+            "rewards": [local.rewards[i] for i in positions],
+        }
+        for key in ("log_probs", "ref_log_probs", "advantages", "returns", "values", "rollout_log_probs"):
+            values = getattr(local, key)
+            if values is not None:
+                batch[key] = [values[i] for i in positions]
+        return batch
+
+    def _after_actor_train(self, rollout_id: int) -> None:
+        interval = self.args.ref_update_interval
+        if interval is not None and "ref" in self.stores and (rollout_id + 1) % interval == 0:
+            logger.info(
+                "rollout %d: reference model <- actor (--ref-update-interval %d)", rollout_id, interval
+            )
+            self.stores["ref"].update_from(self.model)
+
+    def get_lr(self) -> float:
+        return self.schedule.lr
+
+    def parameter_checksum(self) -> list[float]:
+        """Sum and sum of squares of every parameter (float64), identical on every rank; for tests and sanity."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for _, param in model_lib.named_parameters(self.model):
+            local = model_lib.local_tensor(param.detach()).double().cpu()
+            total += torch.stack([local.sum(), local.square().sum()])
+        return self._all_reduce(total.tolist())
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter in full on rank 0 (host memory); other ranks return an empty dict (collective)."""
+        state = {}
+        for name, param in model_lib.named_parameters(self.model):
+            full = model_lib.full_tensor(param.detach())
+            if self.rank == 0:
+                state[name] = full.cpu().clone()
+        return state
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def save(self, directory: str) -> None:
+        path = Path(directory)
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+        checkpoint.save_model(path / "model", self.model)
+        checkpoint.save_optimizer(path / "optim", self.model, self.optimizer)
+        checkpoint.save_rank_state(
+            path / f"rank_{self.rank:05d}.pt",
+            {"rng": checkpoint.rng_state(), "schedule": self.schedule.state_dict()},
+        )
+        self.barrier()
+
+    def load(self, directory: str, *, load_optimizer: bool, load_rng: bool) -> None:
+        path = Path(directory)
+        checkpoint.load_model(path / "model", self.model)
+        if load_optimizer:
+            checkpoint.load_optimizer(path / "optim", self.model, self.optimizer)
+            rank_file = path / f"rank_{self.rank:05d}.pt"
+            state = checkpoint.load_rank_state(rank_file if rank_file.is_file() else path / "rank_00000.pt")
+            self.schedule.load_state_dict(state["schedule"])
+            if load_rng and rank_file.is_file():
+                checkpoint.set_rng_state(state["rng"])
+        if self.role == ACTOR:
+            self._reset_old_actor_stores()
+        self.barrier()
+
+    def export_hf(self, out_dir: str, dtype: str | None = None) -> str | None:
+        state = self.full_state()
+        if self.rank != 0:
+            return None
+        path = checkpoint.write_hf_checkpoint(
+            out_dir,
+            state,
+            config=self.hf_config,
+            architecture=self.architecture,
+            tokenizer_source=self.args.hf_checkpoint,
+            dtype=None if dtype is None else getattr(torch, dtype),
+        )
+        return str(path)
+
+    # ------------------------------------------------------------------------------------- weight push
+    def _sender(self, request: WeightPushRequest, buckets: list[list[str]]) -> WeightSender | None:
+        """The sender of this rank for ``request`` (None when this rank has no engine to feed)."""
+        transport = request.transport
+        if transport == "tensor":
+            mine = request.engines[self.rank :: self.world_size]
+            if not mine:
+                return None
+        elif self.rank != 0:
+            return None
+        else:
+            mine = request.engines
+        key = (transport, tuple(mine), request.master_port)
+        if key not in self.senders:
+            # A new engine set (or a forced reconnect) replaces this transport's previous sender and group.
+            for stale in [k for k in self.senders if k[0] == transport]:
+                with contextlib.suppress(Exception):
+                    self.senders.pop(stale).close()
+            clients = [EngineClient(url, auth_token=request.auth_token) for url in mine]
+            if transport == "distributed":
+                if request.master_port is None:
+                    raise ValueError("the distributed transport needs a master port for its process group")
+                self.senders[key] = DistributedSender(
+                    clients,
+                    device=self.device,
+                    gpus_per_engine=self.args.rollout_num_gpus_per_engine,
+                    master_port=request.master_port,
+                )
+            elif transport == "tensor":
+                self.senders[key] = TensorSender(
+                    clients, device=self.device, tp_size=self.args.rollout_num_gpus_per_engine
+                )
+            elif transport == "disk":
+                if request.disk_dir is None:
+                    raise ValueError("the disk transport needs a directory shared with the engines")
+                self.senders[key] = DiskSender(
+                    clients,
+                    directory=request.disk_dir,
+                    config=self.hf_config,
+                    architecture=self.architecture,
+                    tokenizer_source=self.args.hf_checkpoint,
+                    num_buckets=len(buckets),
+                )
+            else:
+                raise ValueError(
+                    f"unknown weight-sync transport {transport!r}; valid: distributed, tensor, disk"
+                )
+        return self.senders[key]
+
+    def push_weights(self, request: WeightPushRequest) -> WeightPushReport | None:
+        """Gather the full weights bucket by bucket (every rank takes part) and send them; rank 0's report."""
+        params = dict(model_lib.named_parameters(self.model))
+        sizes = [(name, p.numel() * p.element_size()) for name, p in params.items()]
+        buckets = plan_buckets(sizes, self.args.update_weight_buffer_size)
+        sender = self._sender(request, buckets)
+        start = time.perf_counter()
+        if sender is not None:
+            sender.begin(request.version)
+        for names in buckets:
+            bucket = [(name, model_lib.full_tensor(params[name].detach())) for name in names]
+            if sender is not None:
+                sender.send(bucket)
+        if sender is not None:
+            sender.finish()
+        self.barrier()
+        seconds = time.perf_counter() - start
+        sent = self._all_reduce([sender.bytes_sent if sender is not None else 0])[0]
+        if self.role == ACTOR and self.args.keep_old_actor:
+            self._advance_old_actor()
+        if self.rank != 0:
+            return None
+        return WeightPushReport(
+            transport=request.transport,
+            version=request.version,
+            bytes=int(sent),
+            seconds=seconds,
+            buckets=len(buckets),
+        )
+
+    def _advance_old_actor(self) -> None:
+        # The policy that generated the next batch is the one just pushed; with one-step-off pipelining
+        # (interval 1) the batch trained next was generated by the push before it.
+        if "rollout_actor" in self.stores:
+            self.stores["old_actor"].copy_from(self.stores["rollout_actor"])
+            self.stores["rollout_actor"].update_from(self.model)
+        else:
+            self.stores["old_actor"].update_from(self.model)
+
+    def shutdown(self) -> None:
+        for sender in self.senders.values():
+            with contextlib.suppress(Exception):
+                sender.close()
+        self.senders.clear()
+        if self.group is not None and dist.is_initialized():
+            dist.destroy_process_group()
+            self.group = None
+
+
+def _enable_batch_invariant_kernels() -> None:
+    """SGLang's batch-invariant kernels, the GPU half of ``--true-on-policy-mode`` (needs SGLang installed)."""
+    try:
+        from sglang.srt.batch_invariant_ops import enable_batch_invariant_mode
+    except ImportError as exc:
+        raise RuntimeError(
+            "--true-on-policy-mode on GPU needs SGLang's batch-invariant kernels: pip install 'slime-rl[sglang]'"
+        ) from exc
+    enable_batch_invariant_mode()

@@ -1,0 +1,167 @@
+"""A blocking HTTP client for one engine's SGLang weight-update and control endpoints.
+
+Request fields follow SGLang's ``io_struct.py`` (``UpdateWeightFromDiskReqInput``, ``InitWeightsUpdateGroupReqInput``,
+``UpdateWeightsFromDistributedReqInput``, ``UpdateWeightsFromTensorReqInput``); update endpoints answer
+``{"success": bool, "message": str}``, and a ``success: false`` is raised like an HTTP error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class EngineError(RuntimeError):
+    """An engine answered a weight-sync or control request with an error."""
+
+    def __init__(self, url: str, message: str) -> None:
+        super().__init__(f"engine {url}: {message}")
+        self.url = url
+
+
+class EngineClient:
+    """Calls to one engine at ``base_url`` (``http://host:port``), with an optional bearer token."""
+
+    def __init__(
+        self, base_url: str, *, auth_token: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._client.request(method, path, json=payload)
+        except httpx.HTTPError as exc:
+            raise EngineError(self.base_url, f"{method} {path} failed: {exc}") from exc
+        if response.status_code >= 400:
+            raise EngineError(
+                self.base_url, f"{method} {path} -> HTTP {response.status_code}: {response.text[:500]}"
+            )
+        if not response.content:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            return response.text
+        if isinstance(body, dict) and body.get("success") is False:
+            raise EngineError(self.base_url, f"{method} {path} refused: {body.get('message', body)}")
+        return body
+
+    def pause_generation(self) -> None:
+        self._request("POST", "/pause_generation", {})
+
+    def continue_generation(self) -> None:
+        self._request("POST", "/continue_generation", {})
+
+    def flush_cache(self) -> None:
+        # SGLang serves /flush_cache on GET and POST; slime uses GET.
+        self._request("GET", "/flush_cache")
+
+    def get_weight_version(self) -> str | None:
+        body = self._request("GET", "/get_weight_version")
+        return (
+            None if body is None else str(body.get("weight_version")) if isinstance(body, dict) else str(body)
+        )
+
+    def update_weights_from_disk(
+        self,
+        model_path: str,
+        *,
+        weight_version: str,
+        load_format: str | None = None,
+        flush_cache: bool = False,
+    ) -> Any:
+        return self._request(
+            "POST",
+            "/update_weights_from_disk",
+            {
+                "model_path": model_path,
+                "load_format": load_format,
+                "weight_version": weight_version,
+                "flush_cache": flush_cache,
+            },
+        )
+
+    def update_weights_from_tensor(
+        self,
+        serialized_named_tensors: list[str],
+        *,
+        weight_version: str,
+        load_format: str | None = None,
+        flush_cache: bool = False,
+    ) -> Any:
+        return self._request(
+            "POST",
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": serialized_named_tensors,
+                "load_format": load_format,
+                "flush_cache": flush_cache,
+                "weight_version": weight_version,
+            },
+        )
+
+    def init_weights_update_group(
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> Any:
+        return self._request(
+            "POST",
+            "/init_weights_update_group",
+            {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            },
+        )
+
+    def update_weights_from_distributed(
+        self,
+        *,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        weight_version: str,
+        flush_cache: bool = False,
+    ) -> Any:
+        return self._request(
+            "POST",
+            "/update_weights_from_distributed",
+            {
+                "names": names,
+                "dtypes": dtypes,
+                "shapes": shapes,
+                "group_name": group_name,
+                "flush_cache": flush_cache,
+                "weight_version": weight_version,
+            },
+        )
+
+    def destroy_weights_update_group(self, group_name: str) -> Any:
+        return self._request("POST", "/destroy_weights_update_group", {"group_name": group_name})
