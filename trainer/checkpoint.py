@@ -15,11 +15,14 @@ A Hugging Face export is a directory with ``config.json``, ``model.safetensors``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,12 +100,24 @@ def _single_process() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+@contextlib.contextmanager
+def _dcp_context() -> Iterator[bool]:
+    """Yield ``no_dist`` for torch.distributed.checkpoint; a one-rank trainer has no process group, which DCP
+    handles but warns about on every call."""
+    single = _single_process()
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
+        yield single
+
+
 def save_model(path: Path, model: nn.Module) -> None:
     """Sharded model state (every rank calls this)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(path), no_dist=_single_process())
+    with _dcp_context() as no_dist:
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(path), no_dist=no_dist)
 
 
 def load_model(path: Path, model: nn.Module) -> None:
@@ -112,7 +127,8 @@ def load_model(path: Path, model: nn.Module) -> None:
     if not path.is_dir():
         raise FileNotFoundError(f"no model checkpoint at {path}")
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
+    with _dcp_context() as no_dist:
+        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
     set_model_state_dict(model, state["model"])
 
 
@@ -120,11 +136,10 @@ def save_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save(
-        {"optim": get_optimizer_state_dict(model, optimizer)},
-        checkpoint_id=str(path),
-        no_dist=_single_process(),
-    )
+    with _dcp_context() as no_dist:
+        dcp.save(
+            {"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path), no_dist=no_dist
+        )
 
 
 def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -134,7 +149,8 @@ def load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimize
     if not path.is_dir():
         raise FileNotFoundError(f"no optimizer checkpoint at {path}")
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path), no_dist=_single_process())
+    with _dcp_context() as no_dist:
+        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 

@@ -83,19 +83,17 @@ class EmbeddedStack:
         self.services: dict[str, ServiceProcess] = {}
         self.addresses: StackAddresses | None = None
 
-    def _python(self, module: str, *argv: str) -> list[str]:
-        return [sys.executable, "-m", module, *argv]
+    def _serve(self, service: str, *argv: str) -> list[str]:
+        return [sys.executable, "-m", "services.cli", "serve", service, *argv]
 
     def engine_process(self, index: int, port: int) -> ServiceProcess:
         args = self.args
-        argv = self._python(
-            "services.rollout_engine.server",
+        argv = self._serve(
+            "rollout-engine",
             "--hf-checkpoint",
             args.hf_checkpoint,
             "--port",
             str(port),
-            "--seed",
-            str(args.seed + index),
             *(["--num-threads", str(self.engine_threads)] if self.engine_threads else []),
         )
         env = {"OMP_NUM_THREADS": str(self.engine_threads)} if self.engine_threads else None
@@ -133,7 +131,9 @@ class EmbeddedStack:
         )
         self.services["router"] = ServiceProcess(
             "router",
-            self._python("router.server", "--port", str(router_port), *common, *health),
+            self._serve(
+                "router", "--port", str(router_port), "--worker-urls", *engine_urls, *common, *health
+            ),
             health_url=f"http://127.0.0.1:{router_port}/health",
             log_path=self.log_dir / "router.log",
         )
@@ -151,8 +151,8 @@ class EmbeddedStack:
         )
         self.services["reward-model"] = ServiceProcess(
             "reward-model",
-            self._python(
-                "services.reward_model.server",
+            self._serve(
+                "reward-model",
                 "--port",
                 str(reward_port),
                 "--grpc-port",
@@ -170,8 +170,8 @@ class EmbeddedStack:
         router_url = f"http://127.0.0.1:{router_port}"
         self.services["rollout-buffer"] = ServiceProcess(
             "rollout-buffer",
-            self._python(
-                "rollout_buffer.server",
+            self._serve(
+                "rollout-buffer",
                 "--port",
                 str(buffer_port),
                 *common,

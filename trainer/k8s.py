@@ -124,6 +124,25 @@ def _is_ready(pod: k8s_client.V1Pod) -> bool:
     )
 
 
+def engine_url(
+    *,
+    hostname: str | None,
+    subdomain: str | None,
+    pod_ip: str | None,
+    namespace: str,
+    port: int,
+    scheme: str = "http",
+) -> str | None:
+    """Where a pod's engine answers: ``hostname.subdomain.namespace.svc`` for a pod with a stable DNS name (a
+    StatefulSet's, behind its headless Service), else the pod IP; None while the pod has neither."""
+    if hostname and subdomain:
+        return f"{scheme}://{hostname}.{subdomain}.{namespace}.svc:{port}"
+    if not pod_ip:
+        return None
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"{scheme}://{host}:{port}"
+
+
 class EnginePodController:
     """Reconciles the router's worker list with the engine pods that a label selector matches.
 
@@ -159,14 +178,14 @@ class EnginePodController:
     def pod_url(self, pod: k8s_client.V1Pod) -> str | None:
         """The engine URL of ``pod``, or None while it has neither a stable DNS name nor an IP."""
         spec, status = pod.spec, pod.status
-        port, scheme = self.config.engine_port, self.config.scheme
-        if spec is not None and spec.hostname and spec.subdomain:
-            return f"{scheme}://{spec.hostname}.{spec.subdomain}.{self.config.namespace}.svc:{port}"
-        ip = status.pod_ip if status is not None else None
-        if not ip:
-            return None
-        host = f"[{ip}]" if ":" in ip else ip
-        return f"{scheme}://{host}:{port}"
+        return engine_url(
+            hostname=spec.hostname if spec is not None else None,
+            subdomain=spec.subdomain if spec is not None else None,
+            pod_ip=status.pod_ip if status is not None else None,
+            namespace=self.config.namespace,
+            port=self.config.engine_port,
+            scheme=self.config.scheme,
+        )
 
     def engine_pods(self) -> list[EnginePod]:
         """The pods the label selector matches, in name order."""

@@ -312,7 +312,7 @@ def publish_weight_version(router_url: str, version: str, *, auth_token: str | N
     """Tell the router which weight version is current, so engines behind it are held back as stale."""
     headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
     response = httpx.post(
-        f"{router_url.rstrip('/')}/weight_version",
+        f"{router_url.rstrip('/')}/set_weight_version",
         json={"weight_version": version},
         headers=headers,
         timeout=30.0,

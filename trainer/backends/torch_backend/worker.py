@@ -251,29 +251,48 @@ class TrainWorker:
             dist.barrier(group=self.group)
 
     # ------------------------------------------------------------------------------------------- batches
-    def _localize(self, batch: RolloutBatch) -> LocalRollout:
+    def _localize(self, batch: RolloutBatch, *, training: bool = True) -> LocalRollout:
+        """This rank's samples and their micro-batch schedule.
+
+        For training the rollout must fill whole global batches, split over the ranks (strided or
+        ``--balance-data``) and into ``--num-steps-per-rollout`` steps. A forward-only pass takes any number of
+        samples as one step; ranks short of a sample repeat sample 0 (index -1, result dropped) because FSDP ranks
+        must run the same number of forwards.
+        """
         args = self.args
         n = len(batch)
-        if n == 0 or n % args.global_batch_size:
-            raise ValueError(
-                f"a rollout of {n} samples is not a positive multiple of --global-batch-size {args.global_batch_size}"
+        if n == 0:
+            raise ValueError("the rollout batch is empty")
+        if training:
+            if n % args.global_batch_size:
+                raise ValueError(
+                    f"a rollout of {n} samples is not a multiple of --global-batch-size {args.global_batch_size}"
+                )
+            if args.global_batch_size % self.world_size:
+                raise ValueError(
+                    f"--global-batch-size {args.global_batch_size} does not split over {self.world_size} "
+                    "data-parallel ranks"
+                )
+            parts = partition_for_dp(
+                batch.total_lengths,
+                self.world_size,
+                balance=args.balance_data,
+                group_size=args.n_samples_per_prompt,
             )
-        if args.global_batch_size % self.world_size:
-            raise ValueError(
-                f"--global-batch-size {args.global_batch_size} does not split over {self.world_size} data-parallel ranks"
-            )
-        parts = partition_for_dp(
-            batch.total_lengths,
-            self.world_size,
-            balance=args.balance_data,
-            group_size=args.n_samples_per_prompt,
-        )
-        indices = parts[self.rank]
-        local = batch.select(indices)
-        local_gbs = args.global_batch_size // self.world_size
-        num_steps = n // args.global_batch_size
+            indices = parts[self.rank]
+            local = batch.select(indices)
+            local_gbs = args.global_batch_size // self.world_size
+            step_samples = [
+                list(range(s * local_gbs, (s + 1) * local_gbs)) for s in range(n // args.global_batch_size)
+            ]
+        else:
+            per_rank = -(-n // self.world_size)
+            indices = list(range(self.rank, n, self.world_size))
+            padding = per_rank - len(indices)
+            local = batch.select(indices + [0] * padding)
+            indices = indices + [-1] * padding
+            step_samples = [list(range(per_rank))]
         lengths = local.total_lengths
-        step_samples = [list(range(s * local_gbs, (s + 1) * local_gbs)) for s in range(num_steps)]
         steps = self._micro_batches(step_samples, lengths, args.max_tokens_per_gpu)
         log_prob_steps = steps
         if args.use_dynamic_batch_size and args.log_probs_max_tokens_per_gpu not in (
@@ -393,9 +412,9 @@ class TrainWorker:
     # ----------------------------------------------------------------------------------------- actor API
     def compute_log_probs(self, batch: RolloutBatch) -> dict[int, list[float]]:
         """Response log-probs of the current weights for this rank's samples, keyed by position in ``batch``."""
-        local = self._localize(batch)
+        local = self._localize(batch, training=False)
         log_probs, _ = self._log_prob_pass(local, with_entropy=False)
-        return {idx: lp.tolist() for idx, lp in zip(local.indices, log_probs, strict=True)}
+        return {idx: lp.tolist() for idx, lp in zip(local.indices, log_probs, strict=True) if idx >= 0}
 
     def prepare(self, batch: RolloutBatch, values: list[list[float]] | None = None) -> dict[int, list[float]]:
         """Reference and old-policy log-probs, advantages and returns for this rank's samples; returns the returns
