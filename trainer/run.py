@@ -224,8 +224,11 @@ class RLRun:
                 samples, rollout_metrics = self._rollout(rollout_id)
             train_metrics = self._train(rollout_id, samples)
             last = rollout_id + 1 == end
-            if args.save and (last or (args.save_interval and (rollout_id + 1) % args.save_interval == 0)):
-                self.trainer.save(rollout_id)
+            if last or (args.save_interval and (rollout_id + 1) % args.save_interval == 0):
+                if args.save:
+                    self.trainer.save(rollout_id)
+                if args.save_hf:
+                    self.trainer.export_hf(args.save_hf.format(rollout_id=rollout_id))
             sync_metrics: dict[str, float] = {}
             if self.mode != ASYNC or (rollout_id + 1) % args.update_weights_interval == 0 or last:
                 if pending is not None:
@@ -235,6 +238,7 @@ class RLRun:
             if args.eval_interval and (last or (rollout_id + 1) % args.eval_interval == 0):
                 record.update(self._evaluate(rollout_id + 1))
             self.history.append(record)
+            self.metrics.log(record, step_key="rollout/step", step=rollout_id)
             self.status.update(
                 rollout_id=rollout_id, weight_version=self.trainer.weight_version, metrics=record
             )
@@ -343,7 +347,6 @@ class RLRun:
         metrics["perf/train_time"] = time.perf_counter() - start
         if args.ci_test:
             self._check_ci(rollout_id, result)
-        self.metrics.log(metrics, step_key="rollout/step", step=rollout_id)
         return metrics
 
     def _ack(self, rollout_id: int) -> None:

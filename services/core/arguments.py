@@ -1431,6 +1431,13 @@ def _add_service(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="Where a run writes metrics, service logs and summaries (default: outputs/<run-id>).",
     )
+    group.add_argument(
+        "--save-hf",
+        type=str,
+        default=None,
+        help="Also write the actor as a Hugging Face model directory at each save and at the end of the run; "
+        "'{rollout_id}' in the path is filled in.",
+    )
     group.add_argument("--host", type=str, default="127.0.0.1", help="Address the service binds to.")
     group.add_argument(
         "--port", type=int, default=None, help="Port the service binds to (its default when unset)."
