@@ -8,6 +8,7 @@ cluster does. Children die with the driver, even when it is SIGKILLed (see ``ser
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -174,6 +175,8 @@ class EmbeddedStack:
                 "rollout-buffer",
                 "--port",
                 str(buffer_port),
+                "--grpc-port",
+                str(free_port()),
                 *common,
                 "--router-url",
                 router_url,
@@ -211,14 +214,36 @@ class EmbeddedStack:
             buffer_url=f"http://127.0.0.1:{buffer_port}",
             engine_urls=engine_urls,
         )
+        self.write_manifest()
         logger.info("embedded stack up: %d engines, logs in %s", len(engine_urls), self.log_dir)
         return self.addresses
+
+    def write_manifest(self) -> Path:
+        """``services.json`` in the log directory: every child's pid, address and log, for operators and tests."""
+        entries = {
+            "redis": {
+                "pid": self.redis.pid if self.redis else None,
+                "url": self.redis.url if self.redis else None,
+            }
+        }
+        urls = self.addresses.engine_urls if self.addresses else []
+        for i, engine in enumerate(self.engines):
+            entries[engine.name] = {"pid": engine.pid, "url": urls[i] if i < len(urls) else None}
+        for name, proc in self.services.items():
+            entries[name] = {
+                "pid": proc.pid,
+                "url": proc.health_url.rsplit("/health", 1)[0] if proc.health_url else None,
+            }
+        path = self.log_dir / "services.json"
+        path.write_text(json.dumps(entries, indent=2))
+        return path
 
     def restart_engine(self, index: int) -> None:
         """Relaunch a dead engine on its old port; it comes back with the checkpoint's weights (STALE)."""
         self.engines[index].stop(timeout=2)
         self.engines[index].start()
         self.engines[index].wait_healthy(HEALTH_TIMEOUT_S)
+        self.write_manifest()
 
     def stop(self) -> None:
         for proc in [*self.services.values(), *self.engines]:

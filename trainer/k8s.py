@@ -91,6 +91,8 @@ class EngineDiscoveryConfig:
     delete_dead: bool = True
     delete_grace_period_s: int = DEFAULT_DELETE_GRACE_PERIOD_S
     request_timeout_s: float = 10.0
+    # Bearer token of a router started with --auth-token.
+    auth_token: str | None = None
 
     def __post_init__(self) -> None:
         if not self.router_url.startswith(("http://", "https://")):
@@ -160,17 +162,12 @@ class EnginePodController:
     replacement keeps the URL; any other pod by its IP.
     """
 
-    def __init__(
-        self,
-        config: EngineDiscoveryConfig,
-        core_api: k8s_client.CoreV1Api,
-        *,
-        http: httpx.Client | None = None,
-    ):
+    def __init__(self, config: EngineDiscoveryConfig, core_api: k8s_client.CoreV1Api):
         self.config = config
         self.core_api = core_api
-        self._owns_http = http is None
-        self.http = http or httpx.Client(timeout=config.request_timeout_s)
+        # The router is reached directly: a proxy set in the environment (for W&B, say) must not carry these calls.
+        headers = {"Authorization": f"Bearer {config.auth_token}"} if config.auth_token else None
+        self.http = httpx.Client(timeout=config.request_timeout_s, headers=headers, trust_env=False)
         self._managed: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -307,7 +304,10 @@ class EnginePodController:
                     exc.reason,
                 )
             except httpx.HTTPError as exc:
-                logger.warning("router %s unreachable: %s", self.config.router_url, exc)
+                logger.warning("router %s unreachable or refusing: %s", self.config.router_url, exc)
+            except Exception:
+                # The loop outlives any one bad pass (an unexpected answer, say); the next pass starts afresh.
+                logger.exception("engine-pod reconciliation pass failed")
             self._stop.wait(self.config.interval_s)
 
     def start(self) -> EnginePodController:
@@ -324,13 +324,12 @@ class EnginePodController:
         self._stop.set()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the loop and release the HTTP client this controller created."""
+        """Stop the loop and close the router connections."""
         self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else self.config.request_timeout_s * 3)
             self._thread = None
-        if self._owns_http:
-            self.http.close()
+        self.http.close()
 
     def __enter__(self) -> EnginePodController:
         return self.start()
@@ -407,7 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--kubeconfig", default=None, help="kubeconfig file (default: in-cluster service account)."
     )
     parser.add_argument("--context", default=None, help="kubeconfig context (default: the current one).")
-    parser.add_argument("--log-level", type=str.upper, default="INFO", help="Log level.")
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("SLIME_AUTH_TOKEN"),
+        help="Bearer token of a router started with --auth-token (default: $SLIME_AUTH_TOKEN).",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="Log level.",
+    )
     return parser
 
 
@@ -430,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             interval_s=args.interval,
             delete_dead=args.delete_dead,
             delete_grace_period_s=args.delete_grace_period,
+            auth_token=args.auth_token,
         )
         core_api = load_core_api(args.kubeconfig, args.context)
     except K8sConfigError as exc:

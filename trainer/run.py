@@ -105,6 +105,11 @@ class RLRun:
             args.start_rollout_id = 0 if loaded is None else loaded + 1
         self.rollout_fn = load_function(args.rollout_function_path, flag="--rollout-function-path")
         self.eval_fn = load_function(args.eval_function_path, flag="--eval-function-path")
+        self.postprocess_fn = (
+            load_function(args.rollout_data_postprocess_path, flag="--rollout-data-postprocess-path")
+            if args.rollout_data_postprocess_path
+            else None
+        )
 
     def _data_source(self) -> RolloutDataSource:
         args = self.args
@@ -341,6 +346,8 @@ class RLRun:
 
         start = time.perf_counter()
         batch = RolloutBatch.from_samples(args, samples)
+        if self.postprocess_fn is not None:
+            self._call_postprocess(batch)
         result = self.trainer.train_step(batch, rollout_id)
         self._ack(rollout_id)
         metrics = result.metrics()
@@ -348,6 +355,21 @@ class RLRun:
         if args.ci_test:
             self._check_ci(rollout_id, result)
         return metrics
+
+    def _call_postprocess(self, batch: Any) -> None:
+        """``--rollout-data-postprocess-path``: slime calls ``fn(args)``; a function taking a second parameter also
+        gets the training batch (which it may modify in place)."""
+        import inspect
+
+        params = [
+            p
+            for p in inspect.signature(self.postprocess_fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(params) >= 2:
+            self.postprocess_fn(self.args, batch)
+        else:
+            self.postprocess_fn(self.args)
 
     def _ack(self, rollout_id: int) -> None:
         if self.context is not None:
@@ -375,6 +397,8 @@ class RLRun:
                 )
             if not -0.5 < rollout["log_probs"] < 0:
                 raise AssertionError(f"--ci-test: mean log-prob {rollout['log_probs']} outside (-0.5, 0)")
+            if "entropy" in rollout and not 0 < rollout["entropy"] < 0.5:
+                raise AssertionError(f"--ci-test: mean entropy {rollout['entropy']} outside (0, 0.5)")
 
     def _check_ci_metric(self) -> None:
         key, threshold = self.args.ci_metric_checker_key, self.args.ci_metric_checker_threshold
