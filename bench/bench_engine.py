@@ -31,7 +31,12 @@ PRESETS = {
     ),
     # Qwen2.5-0.5B's shape (tied 151,936-token embedding) with random weights: ~0.49B parameters.
     "gpu-0.5b": dict(
-        hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864, vocab_size=151936
+        hidden_size=896,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
     ),
 }
 
@@ -83,7 +88,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_engine(model_dir: Path, prompts: list[list[int]], new_tokens: int, device: str, repeats: int) -> float:
+def run_engine(
+    model_dir: Path, prompts: list[list[int]], new_tokens: int, device: str, repeats: int
+) -> float:
     """Tokens per second of the built-in engine (in-process scheduler, no HTTP), best of ``repeats``."""
     from services.core.wire import SamplingParams
     from services.rollout_engine.engine import BuiltinEngine, EngineSettings
@@ -147,16 +154,24 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, device: torch.devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-10m")
-    parser.add_argument("--model-dir", type=Path, default=None, help="Reuse/keep the model here (built if absent).")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="Reuse/keep the model here (built if absent)."
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto.")
-    parser.add_argument("--dtype", default=None, help="Weights dtype (default: float32 on CPU, bfloat16 on GPU).")
+    parser.add_argument(
+        "--dtype", default=None, help="Weights dtype (default: float32 on CPU, bfloat16 on GPU)."
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="Timed runs per measurement (best is kept).")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."
+    )
     parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation of the baseline.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args(argv)
@@ -166,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    )
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     preset = PRESETS[args.preset]
     max_positions = args.prompt_len + args.new_tokens + 64
@@ -177,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             build_model(model_dir, preset, dtype, max_positions)
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), attn_implementation=args.hf_attn
-        ).to(device).eval()
+        hf = (
+            AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, dtype), attn_implementation=args.hf_attn
+            )
+            .to(device)
+            .eval()
+        )
         n_params = sum(p.numel() for p in hf.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         vocab = hf.config.vocab_size
@@ -195,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.get_num_threads(),
         )
         logger.info(
-            "copy bandwidth %.1f GB/s -> decode floor %.3f ms/step (weights read once per step)", bandwidth / 1e9, floor_ms
+            "copy bandwidth %.1f GB/s -> decode floor %.3f ms/step (weights read once per step)",
+            bandwidth / 1e9,
+            floor_ms,
         )
         gen = torch.Generator().manual_seed(0)
         # Token ids inside the tokenizer's range, so both sides see ordinary prompts.

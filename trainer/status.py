@@ -63,7 +63,8 @@ class TrainerStatusServer:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.port = args.port or DEFAULT_PORT
+        # --port 0 asks for any free port (tests, several runs on one host).
+        self.port = DEFAULT_PORT if args.port is None else (args.port or free_port())
         self._state: dict[str, Any] = {
             "run_id": args.run_id,
             "rollout_id": -1,

@@ -349,5 +349,5 @@ def validate_service_args(parser: argparse.ArgumentParser, args: argparse.Namesp
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             parser.error(f"--reward-grpc-addr {addr!r} is not host:port (port 1-65535)")
     port_value = getattr(args, "port", None)
-    if port_value is not None and not 0 < port_value < 65536:
-        parser.error(f"--port must be in 1-65535, got {port_value}")
+    if port_value is not None and not 0 <= port_value < 65536:
+        parser.error(f"--port must be in 0-65535 (0: any free port), got {port_value}")

@@ -196,7 +196,10 @@ class RewardHttpClient:
 
     async def _post(self, path: str, payload: Any) -> httpx.Response:
         url = self.base_url + path
-        response = await _post_with_retries(self._client, url, payload, self.policy)
+        try:
+            response = await _post_with_retries(self._client, url, payload, self.policy)
+        except RemoteRewardError as exc:
+            raise RewardServiceError("unavailable", str(exc)) from exc
         if response.is_error:
             try:
                 message = response.json()["error"]["message"]

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import logging
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -29,10 +32,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRELOAD = ("sympy", "sympy.parsing.sympy_parser", "services.reward_model.graders")
 WORKER_START_TIMEOUT_S = 60.0
 _ORPHAN_CHECK_INTERVAL_S = 1.0
+_PR_SET_PDEATHSIG = 1
 
 POOL_RESTARTS = Counter(
     "slime_reward_model_pool_worker_restarts_total",
-    "Grader worker processes killed and replaced, by reason (timeout, crashed).",
+    "Grader worker processes killed and replaced, by reason (timeout, crashed, cancelled).",
     ["reason"],
 )
 POOL_BUSY = Gauge("slime_reward_model_pool_busy_workers", "Grader worker processes running an item now.")
@@ -68,9 +72,30 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when its parent (the forkserver, which exits with the service) dies.
+
+    This covers a grader stuck in C code that holds the GIL, where no thread of the worker can run (Linux only).
+    """
+    # multiprocessing hands every forkserver child the write end of the pipe whose closing tells the forkserver
+    # that the service is gone. A worker stuck in C would hold it open forever, keeping the forkserver (and so
+    # itself) alive; workers start no processes of their own, so they drop it.
+    alive_fd = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_alive_fd", None)
+    if isinstance(alive_fd, int):
+        with contextlib.suppress(OSError):
+            os.close(alive_fd)
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died before the request; then no signal would ever come.
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _exit_when_orphaned(parent_pid: int) -> None:
-    # A worker stuck in a grader never reads its pipe again, so it cannot see its parent go; this thread can,
-    # as long as the grader releases the GIL now and then (pure-Python sympy does).
+    # A worker stuck in a grader never reads its pipe again, so it cannot see the service go; this thread can,
+    # as long as the grader releases the GIL now and then (pure-Python sympy does), on any platform.
     while True:
         time.sleep(_ORPHAN_CHECK_INTERVAL_S)
         try:
@@ -82,6 +107,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 def _worker_main(conn: Connection, parent_pid: int, preload: Sequence[str]) -> None:
     # Ctrl-C reaches the whole process group; shutting the workers down is the parent's job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     for module in preload:
         importlib.import_module(module)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
@@ -189,7 +215,8 @@ class GraderPool:
             raise GraderFailed("grader_error", f"cannot send the item to a grader worker: {exc}") from exc
         POOL_BUSY.inc()
         try:
-            reply = await asyncio.wait_for(self._receive(worker), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self._receive(worker)
         except TimeoutError:
             self._replace(worker, "timeout")
             raise GraderTimeout(f"grader did not finish within {timeout:g}s; its worker was killed") from None
@@ -271,12 +298,17 @@ class GraderPool:
 
     async def _replace_task(self, worker: _Worker) -> None:
         await self._kill(worker)
-        if self._closed:
-            return
-        try:
-            replacement = await self._spawn()
-        except Exception:
-            logger.exception("could not start a replacement grader worker; the pool is one worker short")
+        delay = 0.5
+        while not self._closed:
+            try:
+                replacement = await self._spawn()
+                break
+            except Exception:
+                # Items wait for workers rather than fail, so a pool that cannot refill must keep trying.
+                logger.exception("could not start a replacement grader worker; retrying in %.1fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
+        else:
             return
         if self._closed:
             await self._kill(replacement)

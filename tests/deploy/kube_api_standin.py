@@ -103,7 +103,10 @@ class StandInKubeApiServer:
         self.requests: list[tuple[str, str]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="kube-api-standin", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="kube-api-standin",
+            daemon=True,
         )
 
     @property
@@ -220,7 +223,13 @@ class StandInKubeApiServer:
                         self._status(400, str(exc))
                         return
                 self._send(
-                    200, {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items}
+                    200,
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PodList",
+                        "metadata": {"resourceVersion": "1"},
+                        "items": items,
+                    },
                 )
 
             def do_DELETE(self) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -64,12 +65,22 @@ def engine_port() -> int:
     return _engine_port()
 
 
-def _start_router(log: Path, probe_interval: float) -> tuple[subprocess.Popen, str]:
+def _start_router(log: Path, probe_interval: float, *extra: str) -> tuple[subprocess.Popen, str]:
     """A real router process (no Redis: its registry lives in the process)."""
     port = free_port()
-    argv = [sys.executable, "-m", "services.cli", "serve", "router", "--port", str(port), "--log-level", "WARNING"]
+    argv = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        "router",
+        "--port",
+        str(port),
+        "--log-level",
+        "WARNING",
+    ]
     argv += ["--rollout-health-check-interval", str(probe_interval), "--rollout-health-check-timeout", "1"]
-    proc = _spawn([*argv, "--rollout-health-check-first-wait", "5"], log)
+    proc = _spawn([*argv, "--rollout-health-check-first-wait", "5", *extra], log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http_ok(f"{url}/health", timeout=60)
@@ -144,7 +155,19 @@ def _core_api(server: StandInKubeApiServer, token: str | None = None) -> k8s_cli
     return k8s_client.CoreV1Api(k8s_client.ApiClient(configuration))
 
 
-def _controller(kube: StandInKubeApiServer, router_url: str, engine_port: int, **kw) -> EnginePodController:
+_CONTROLLERS: list[EnginePodController] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_controllers() -> Iterator[None]:
+    yield
+    while _CONTROLLERS:
+        _CONTROLLERS.pop().stop()
+
+
+def _controller(
+    kube: StandInKubeApiServer, router_url: str, engine_port: int, **kw: Any
+) -> EnginePodController:
     config = EngineDiscoveryConfig(
         router_url=router_url,
         namespace=NAMESPACE,
@@ -153,7 +176,8 @@ def _controller(kube: StandInKubeApiServer, router_url: str, engine_port: int, *
         interval_s=kw.pop("interval_s", 0.2),
         **kw,
     )
-    return EnginePodController(config, _core_api(kube))
+    _CONTROLLERS.append(EnginePodController(config, _core_api(kube)))
+    return _CONTROLLERS[-1]
 
 
 def _pod(name: str, ip: str | None, **kw) -> StandInPod:
@@ -181,7 +205,9 @@ def test_ready_engine_pods_are_registered_with_the_router(kube, router, engines,
     kube.add_pod(_pod("engine-2", "127.0.0.4", ready=False))
     kube.add_pod(_pod("engine-3", None, ready=False))
     kube.add_pod(StandInPod(name="reward-0", namespace=NAMESPACE, labels={"app": "other"}, ip="127.0.0.5"))
-    kube.add_pod(StandInPod(name="engine-x", namespace="elsewhere", labels=dict(ENGINE_LABELS), ip="127.0.0.6"))
+    kube.add_pod(
+        StandInPod(name="engine-x", namespace="elsewhere", labels=dict(ENGINE_LABELS), ip="127.0.0.6")
+    )
 
     controller = _controller(kube, router_url, engine_port)
     report = controller.sync_once()
@@ -196,7 +222,9 @@ def test_ready_engine_pods_are_registered_with_the_router(kube, router, engines,
     assert kube.deletions == []
 
 
-def test_dead_engine_pod_is_deleted_and_its_replacement_registered(kube, router, engines, router_url, engine_port):
+def test_dead_engine_pod_is_deleted_and_its_replacement_registered(
+    kube, router, engines, router_url, engine_port
+):
     engines("127.0.0.2")
     dying = engines("127.0.0.3")
     kube.add_pod(_pod("engine-0", "127.0.0.2"))
@@ -231,7 +259,9 @@ def test_dead_engine_pod_is_deleted_and_its_replacement_registered(kube, router,
     _wait_state(router, new_url, "HEALTHY")
 
 
-def test_replacement_with_the_same_url_is_not_deleted_while_it_loads(kube, router, engines, router_url, engine_port):
+def test_replacement_with_the_same_url_is_not_deleted_while_it_loads(
+    kube, router, engines, router_url, engine_port
+):
     """A StatefulSet's replacement keeps its predecessor's address; the router still says DEAD until it answers."""
     dying = engines("127.0.0.3")
     kube.add_pod(_pod("engine-0", "127.0.0.3", created_at=datetime.now(UTC) - timedelta(minutes=5)))
@@ -262,13 +292,17 @@ def test_replacement_with_the_same_url_is_not_deleted_while_it_loads(kube, route
 
 def test_replacement_is_registered_again_before_the_router_probes_it(kube, engines, engine_port, tmp_path):
     """With slime's default 30 s probe interval a DEAD engine is looked at rarely; re-registering its Ready
-    replacement makes the router probe it at once (DEAD -> RESTARTING -> HEALTHY)."""
-    proc, router_url = _start_router(tmp_path / "router.log", probe_interval=60)
+    replacement makes the router probe it at once (DEAD -> RESTARTING -> HEALTHY). This router also wants a
+    bearer token, which the controller must send."""
+    proc, router_url = _start_router(tmp_path / "router.log", 60, "--auth-token", "router-secret")
+    auth = {"Authorization": "Bearer router-secret"}
     try:
-        with httpx.Client(base_url=router_url, timeout=10, trust_env=False) as router:
+        with httpx.Client(base_url=router_url, timeout=10, trust_env=False, headers=auth) as router:
             dying = engines("127.0.0.3")
             kube.add_pod(_pod("engine-0", "127.0.0.3", created_at=datetime.now(UTC) - timedelta(minutes=5)))
-            controller = _controller(kube, router_url, engine_port)
+            with pytest.raises(httpx.HTTPStatusError, match="401"):
+                _controller(kube, router_url, engine_port).sync_once()
+            controller = _controller(kube, router_url, engine_port, auth_token="router-secret")
             url = f"http://127.0.0.3:{engine_port}"
             assert controller.sync_once().registered == [url]
             _wait_state(router, url, "HEALTHY")
@@ -321,20 +355,32 @@ def test_statefulset_pods_are_addressed_by_their_stable_dns_name(kube, router_ur
 
 def test_background_loop_registers_and_survives_errors(kube, router, engines, router_url, engine_port):
     engines("127.0.0.2")
+    kube.add_pod(_pod("engine-0", "127.0.0.2"))
     bad_token = EnginePodController(
-        EngineDiscoveryConfig(router_url=router_url, namespace=NAMESPACE, label_selector=SELECTOR),
+        EngineDiscoveryConfig(
+            router_url=router_url, namespace=NAMESPACE, label_selector=SELECTOR, interval_s=0.05
+        ),
         _core_api(kube, token="wrong"),
     )
+    _CONTROLLERS.append(bad_token)
     with pytest.raises(ApiException) as err:
         bad_token.sync_once()
     assert err.value.status == 401
+    # Refused passes are logged and retried: the loop keeps asking.
+    with bad_token:
+        deadline = time.monotonic() + 10
+        while len(kube.requests) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(kube.requests) >= 5
+    assert router.get("/list_workers").json()["urls"] == []
 
-    controller = _controller(kube, router_url, engine_port, interval_s=0.1)
-    with controller:
-        time.sleep(0.3)  # passes with no pods, and so nothing to do, must not end the loop
-        kube.add_pod(_pod("engine-0", "127.0.0.2"))
+    with _controller(kube, router_url, engine_port, interval_s=0.1):
         _wait_state(router, f"http://127.0.0.2:{engine_port}", "HEALTHY")
-    assert controller._thread is None
+    # Stopped: a new engine pod is no longer picked up.
+    engines("127.0.0.3")
+    kube.add_pod(_pod("engine-1", "127.0.0.3"))
+    time.sleep(0.5)
+    assert router.get("/list_workers").json()["urls"] == [f"http://127.0.0.2:{engine_port}"]
 
 
 def test_kubeconfig_credentials_reach_the_api_server(kube, tmp_path):

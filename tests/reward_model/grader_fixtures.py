@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -22,6 +23,11 @@ def sleep_then(seconds: float, value: object) -> object:
 def hang() -> None:
     while True:
         time.sleep(0.05)
+
+
+def spin_in_c() -> int:
+    # A huge factorial runs inside C without releasing the GIL: no Python thread of the worker can run meanwhile.
+    return math.factorial(10**9)
 
 
 def fail(message: str) -> None:

@@ -120,6 +120,7 @@ def test_workers_exit_when_their_parent_is_killed() -> None:
             pool = GraderPool(2, 60.0, preload=())
             await pool.start()
             asyncio.ensure_future(pool.run(fx.hang))
+            asyncio.ensure_future(pool.run(fx.spin_in_c))
             await asyncio.sleep(0.3)
             print(" ".join(map(str, pool.worker_pids)), flush=True)
             await asyncio.sleep(60)
@@ -135,7 +136,7 @@ def test_workers_exit_when_their_parent_is_killed() -> None:
         assert not any(is_gone(pid) for pid in pids)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(5)
-        # One worker idles on its pipe (EOF), the other is stuck in a grader (the orphan watchdog).
+        # One worker is stuck in Python code, the other in C code holding the GIL.
         assert wait_gone(pids, timeout=5.0)
     finally:
         if parent.poll() is None:

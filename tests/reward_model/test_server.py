@@ -229,23 +229,33 @@ def test_bad_input_is_refused_with_the_field_at_fault(servers: dict[str, RewardS
     assert asyncio.run(over_grpc()) == ("UNAUTHENTICATED", "INVALID_ARGUMENT")
 
 
+def inflight_items(url: str) -> float:
+    match = re.search(
+        r"^slime_reward_model_inflight_items ([0-9.]+)$", httpx.get(f"{url}/metrics").text, re.M
+    )
+    return float(match.group(1)) if match else 0.0
+
+
 def test_overload_is_answered_429_not_queued(servers: dict[str, RewardServer]) -> None:
     a = servers["a"]
+    hanging = [{"prompt": "Q", "response": HANG, "label": "2.5"}] * 3  # ~2 s in flight on 2 workers
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=a.url, headers=AUTH, timeout=30) as client:
-            hung = asyncio.ensure_future(
-                client.post("/reward", json={"prompt": "Q", "response": HANG, "label": "2.5"})
-            )
-            await asyncio.sleep(0.3)  # the hung item now holds one of the 8 slots
-            refused = await client.post("/reward/batch", json={"items": items(TABLE[:1]) * 8})
+            hung = asyncio.ensure_future(client.post("/reward/batch", json={"items": hanging}))
+            for _ in range(200):
+                if inflight_items(a.url) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            # 3 of the 8 slots are taken: 6 more items are refused at once, not queued.
+            refused = await client.post("/reward/batch", json={"items": items(TABLE[:1]) * 6})
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             grpc_client = RewardGrpcClient(a.grpc_addr, auth_token=TOKEN, policy=NO_RETRY)
             with pytest.raises(RewardServiceError) as failure:
-                await grpc_client.score(samples(TABLE[:1]) * 8)
+                await grpc_client.score(samples(TABLE[:1]) * 6)
             assert failure.value.status == "RESOURCE_EXHAUSTED"
             await grpc_client.close()
-            assert (await hung).json() == 0
+            assert (await hung).json()["rewards"] == [0, 0, 0]
             accepted = await client.post("/reward/batch", json={"items": items(TABLE[:1]) * 8})
             assert accepted.status_code == 200 and accepted.json()["rewards"] == [1] * 8
         metrics = httpx.get(f"{a.url}/metrics").text

@@ -106,8 +106,18 @@ the engine-pod sidecar registers it under (hostname.subdomain.namespace.svc), or
 {{- toJson $urls -}}
 {{- end -}}
 
-{{/* Environment every slime container gets: Redis, the log level and its own namespace. */}}
+{{/* Environment every slime container gets: the log level and its own namespace. */}}
 {{- define "slime.env" -}}
+- name: SLIME_LOG_LEVEL
+  value: {{ .Values.run.logLevel | quote }}
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end -}}
+
+{{/* Where Redis is, for the services that use it (router, rollout buffer, trainer). */}}
+{{- define "slime.redisEnv" -}}
 - name: SLIME_REDIS_URL
 {{- if .Values.redis.bundled }}
   value: {{ printf "redis://%s:6379/0" (include "slime.componentName" (dict "root" . "component" "redis")) | quote }}
@@ -119,12 +129,6 @@ the engine-pod sidecar registers it under (hostname.subdomain.namespace.svc), or
 {{- else }}
   value: {{ required "redis.external.url (or redis.external.existingSecret) is required when redis.bundled is false" .Values.redis.external.url | quote }}
 {{- end }}
-- name: SLIME_LOG_LEVEL
-  value: {{ .Values.run.logLevel | quote }}
-- name: POD_NAMESPACE
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.namespace
 {{- end -}}
 
 {{- define "slime.authEnv" -}}
@@ -200,16 +204,16 @@ affinity:
 {{- end -}}
 
 {{- define "slime.sharedVolume" -}}
-{{- if .Values.sharedVolume.enabled }}
+{{- if .Values.sharedVolume.enabled -}}
 - name: shared
   persistentVolumeClaim:
     claimName: {{ include "slime.sharedClaimName" . }}
-{{- end }}
+{{- end -}}
 {{- end -}}
 
 {{- define "slime.sharedMount" -}}
-{{- if .Values.sharedVolume.enabled }}
+{{- if .Values.sharedVolume.enabled -}}
 - name: shared
   mountPath: {{ .Values.sharedVolume.mountPath }}
-{{- end }}
+{{- end -}}
 {{- end -}}
