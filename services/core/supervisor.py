@@ -1,20 +1,18 @@
 """Child service processes that cannot outlive their parent: started, health-checked, stopped, restarted.
 
 Used by the embedded stack (the driver starts every service on loopback) and by the SGLang supervisor. Each child
-gets ``PR_SET_PDEATHSIG`` so that even a parent killed with SIGKILL leaves no orphan, and an ``atexit`` stop for the
-ordinary exits.
+gets ``PR_SET_PDEATHSIG`` (through ``services.core.child``) so that even a parent killed with SIGKILL leaves no
+orphan, and an ``atexit`` stop for the ordinary exits.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -23,18 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from services.core.child import wrap
+
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _LIVE: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: ask the kernel to SIGKILL this child when the thread that forked it dies (Linux only)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    os.setpgrp()
 
 
 def _stop_all() -> None:
@@ -85,12 +76,12 @@ class ServiceProcess:
                 self._log_file = self.log_path.open("ab")
             out = self._log_file if self._log_file else subprocess.DEVNULL
             self.popen = subprocess.Popen(
-                self.argv,
+                wrap(self.argv),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
-                preexec_fn=die_with_parent,
+                start_new_session=True,
             )
             _LIVE.add(self)
             logger.debug("started %s (pid %d): %s", self.name, self.popen.pid, " ".join(self.argv))

@@ -14,8 +14,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from services.core.child import wrap
 from services.core.net import free_port
-from services.core.supervisor import die_with_parent
 from trainer.backends.torch_backend.worker import DistInit, TrainWorker
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,8 @@ class WorkerGroup:
             with theirs:
                 self._procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "trainer.backends.torch_backend.rank", str(theirs.fileno())],
+                        wrap([sys.executable, "-m", "trainer.backends.torch_backend.rank", str(theirs.fileno())]),
                         pass_fds=[theirs.fileno()],
-                        preexec_fn=die_with_parent,
                     )
                 )
             self._conns.append(Connection(ours.detach()))
