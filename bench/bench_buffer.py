@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -96,13 +98,12 @@ def serve_in_memory_baseline(port: int) -> None:
     )
 
 
-def make_item(worker: int, n: int) -> bytes:
-    """A trajectory of typical agent size (~1.5 KB): a system prompt, a question, a reasoning answer."""
-    uid = f"w{worker}-{n}"
+def make_item(stream: str, n: int) -> bytes:
+    """Item n of one client's stream: a trajectory of typical agent size (~1.5 KB) with a unique uid."""
     return orjson.dumps(
         {
-            "uid": uid,
-            "instance_id": f"p{worker}-{n // GROUP_SIZE}",
+            "uid": f"{stream}-{n}",
+            "instance_id": f"{stream}-p{n // GROUP_SIZE}",
             "messages": [
                 {"role": "system", "content": "You are a careful math assistant. " * 4},
                 {"role": "user", "content": f"Compute {n} * 17 + 3 and explain each step. " * 3},
@@ -154,6 +155,25 @@ class RawHttpClient:
             await self.writer.wait_closed()
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += [int(child), *_children(int(child))]
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes and all their descendants (Linux /proc)."""
+    total = 0.0
+    for pid in {p for root in pids for p in (root, *_children(root))}:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 @dataclass
 class LoadResult:
     target: str
@@ -163,6 +183,10 @@ class LoadResult:
     seconds: float
     p50_ms: float
     p99_ms: float
+    # CPU the server side (the API processes, and Redis for the durable buffer) spent per trajectory.
+    cpu_us: float = 0.0
+    # Every 200 of the run, warm-up included: each must be in the durable store afterwards.
+    answered_ok: int = 0
 
     @property
     def per_second(self) -> float:
@@ -170,25 +194,27 @@ class LoadResult:
 
 
 async def run_load(
-    target: str, port: int, concurrency: int, duration: float, warmup: float, tag: str
+    target: str, port: int, concurrency: int, duration: float, warmup: float, tag: str, pids: list[int]
 ) -> LoadResult:
     latencies: list[float] = []
     errors = 0
+    answered_ok = 0
     measuring = False
     stop = False
 
     async def client(worker: int) -> None:
-        nonlocal errors
+        nonlocal errors, answered_ok
         connection = RawHttpClient(port)
         await connection.connect()
         n = 0
         try:
             while not stop:
-                body = make_item(worker + concurrency * hash(tag) % 1_000_000, n)
+                body = make_item(f"{tag}-c{concurrency}-w{worker}", n)
                 started = time.perf_counter()
                 status = await connection.post(b"/buffer/write", body)
                 elapsed = time.perf_counter() - started
                 n += 1
+                answered_ok += status == 200
                 if measuring:
                     if status == 200:
                         latencies.append(elapsed)
@@ -200,10 +226,10 @@ async def run_load(
     tasks = [asyncio.create_task(client(i)) for i in range(concurrency)]
     await asyncio.sleep(warmup)
     measuring = True
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds(pids)
     await asyncio.sleep(duration)
     measuring = False
-    seconds = time.perf_counter() - started
+    seconds, cpu_used = time.perf_counter() - started, cpu_seconds(pids) - cpu_before
     stop = True
     await asyncio.gather(*tasks)
     latencies.sort()
@@ -215,19 +241,50 @@ async def run_load(
         seconds=seconds,
         p50_ms=1000 * statistics.median(latencies),
         p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        cpu_us=1e6 * cpu_used / max(1, len(latencies) + errors),
+        answered_ok=answered_ok,
     )
 
 
-def _start(argv: list[str], port: int, name: str) -> subprocess.Popen:
+def _start(argv: list[str], health_url: str) -> subprocess.Popen:
     process = subprocess.Popen(argv, cwd=REPO)
     try:
-        wait_http_ok(
-            f"http://127.0.0.1:{port}/health" if name == "durable" else f"http://127.0.0.1:{port}/docs", 60
-        )
+        wait_http_ok(health_url, 60)
     except TimeoutError:
         process.kill()
         raise
     return process
+
+
+def _durable_argv(redis_url: str, port: int, http_workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "rollout_buffer.server",
+        "--redis-url",
+        redis_url,
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(free_port()),
+        "--http-workers",
+        str(http_workers),
+        "--n-samples-per-prompt",
+        str(GROUP_SIZE),
+        "--buffer-max-items",
+        "100000000",
+        "--buffer-max-bytes",
+        str(64 << 30),
+        "--log-level",
+        "WARNING",
+    ]
+
+
+def _stored_items(redis_url: str) -> int:
+    import redis
+
+    with redis.Redis.from_url(redis_url) as client:
+        return int(client.hget("slime:default:buf:usage", "items") or 0)
 
 
 def main() -> int:
@@ -240,6 +297,9 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=2, help="Runs per (target, concurrency); the best is kept."
     )
+    parser.add_argument(
+        "--http-workers", type=int, nargs="+", default=[1, 2], help="Durable variants: API processes of each."
+    )
     parser.add_argument("--serve-baseline", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline is not None:
@@ -247,76 +307,71 @@ def main() -> int:
         return 0
     setup_logging("INFO", service="bench")
 
+    baseline_name = "in-memory (slime design)"
     results: dict[tuple[str, int], LoadResult] = {}
+    acknowledged = 0
     with EmbeddedRedis(appendonly=True) as redis_server:
-        durable_port, baseline_port = free_port(), free_port()
-        durable = _start(
-            [
-                sys.executable,
-                "-m",
-                "rollout_buffer.server",
-                "--redis-url",
-                redis_server.url,
-                "--port",
-                str(durable_port),
-                "--grpc-port",
-                str(free_port()),
-                "--n-samples-per-prompt",
-                str(GROUP_SIZE),
-                "--buffer-max-items",
-                "100000000",
-                "--buffer-max-bytes",
-                str(64 << 30),
-                "--log-level",
-                "WARNING",
-            ],
-            durable_port,
-            "durable",
-        )
-        baseline = _start(
-            [sys.executable, __file__, "--serve-baseline", str(baseline_port)], baseline_port, "baseline"
-        )
+        targets: list[tuple[str, int, subprocess.Popen, list[int]]] = []
         try:
+            port = free_port()
+            process = _start(
+                [sys.executable, __file__, "--serve-baseline", str(port)], f"http://127.0.0.1:{port}/docs"
+            )
+            targets.append((baseline_name, port, process, [process.pid]))
+            for workers in args.http_workers:
+                port = free_port()
+                process = _start(
+                    _durable_argv(redis_server.url, port, workers), f"http://127.0.0.1:{port}/health"
+                )
+                name = f"durable, {workers} API process{'es' if workers > 1 else ''}"
+                targets.append((name, port, process, [process.pid, redis_server.pid]))
             for round_ in range(args.rounds):
                 for concurrency in args.concurrency:
-                    for target, port in (
-                        ("in-memory (slime design)", baseline_port),
-                        ("durable (Redis AOF)", durable_port),
-                    ):
+                    for name, port, _, pids in targets:
+                        tag = f"{round_}-{name}"
                         result = asyncio.run(
-                            run_load(
-                                target, port, concurrency, args.duration, args.warmup, f"{round_}-{target}"
-                            )
+                            run_load(name, port, concurrency, args.duration, args.warmup, tag, pids)
                         )
+                        if name != baseline_name:
+                            acknowledged += result.answered_ok
                         logger.info(
-                            "%-26s c=%-3d %8.0f traj/s  p50 %6.2f ms  p99 %6.2f ms  errors %d",
-                            target,
+                            "%-28s c=%-3d %7.0f traj/s  p50 %7.2f ms  p99 %7.2f ms  cpu %5.0f us/traj  errors %d",
+                            name,
                             concurrency,
                             result.per_second,
                             result.p50_ms,
                             result.p99_ms,
+                            result.cpu_us,
                             result.errors,
                         )
-                        best = results.get((target, concurrency))
+                        best = results.get((name, concurrency))
                         if best is None or result.per_second > best.per_second:
-                            results[(target, concurrency)] = result
+                            results[(name, concurrency)] = result
         finally:
-            durable.terminate()
-            baseline.terminate()
-            durable.wait(30)
-            baseline.wait(30)
+            for _, _, process, _ in targets:
+                process.terminate()
+            for _, _, process, _ in targets:
+                process.wait(30)
+        stored = _stored_items(redis_server.url)
         aof = sum(f.stat().st_size for f in Path(redis_server.dir).rglob("*.aof*"))
 
-    print("\n| clients | in-memory traj/s | durable traj/s | ratio | in-memory p99 ms | durable p99 ms |")
-    print("|---|---|---|---|---|---|")
+    durable_names = [name for name, *_ in targets if name != baseline_name]
+    print(
+        "\n| clients | "
+        + " | ".join(f"{n}: traj/s, p99 ms, CPU us/traj" for n in [baseline_name, *durable_names])
+        + " |"
+    )
+    print("|---" * (1 + 1 + len(durable_names)) + "|")
     for concurrency in args.concurrency:
-        base = results[("in-memory (slime design)", concurrency)]
-        ours = results[("durable (Redis AOF)", concurrency)]
-        print(
-            f"| {concurrency} | {base.per_second:,.0f} | {ours.per_second:,.0f} | {ours.per_second / base.per_second:.2f}x"
-            f" | {base.p99_ms:.2f} | {ours.p99_ms:.2f} |"
-        )
-    print(f"\nAOF written: {aof / 1e6:.1f} MB")
+        base = results[(baseline_name, concurrency)]
+        cells = [f"{base.per_second:,.0f}, {base.p99_ms:.1f}, {base.cpu_us:.0f}"]
+        for name in durable_names:
+            ours = results[(name, concurrency)]
+            ratio = ours.per_second / base.per_second
+            cells.append(f"{ours.per_second:,.0f} ({ratio:.2f}x), {ours.p99_ms:.1f}, {ours.cpu_us:.0f}")
+        print(f"| {concurrency} | " + " | ".join(cells) + " |")
+    print(f"\nDurable writes answered 200: {acknowledged:,}; items in Redis after the run: {stored:,}")
+    print(f"AOF written: {aof / 1e6:.1f} MB")
     return 0
 
 

@@ -33,18 +33,20 @@ def _service(request: Request) -> BufferService:
 def build_router() -> APIRouter:
     router = APIRouter(tags=["slime"])
 
-    @router.post("/buffer/write")
     async def buffer_write(request: Request) -> Response:
         """Store one trajectory item ``{uid, instance_id, messages, reward, extra_info}``."""
         service = _service(request)
-        item = parse_json(await request.body())
+        raw = await request.body()
+        item = parse_json(raw)
         if not isinstance(item, dict):
-            metrics.REJECTED.labels("invalid_field").inc()
+            metrics.child(metrics.REJECTED, "invalid_field").inc()
             raise ApiError(422, "body: must be one JSON object (a trajectory item)", field="body")
         validate(Trajectory, item)
+        # Stored verbatim, as slime stores it; extra_info is added when missing since slime's readers require it.
+        payload = raw if "extra_info" in item else orjson.dumps({**item, "extra_info": {}})
         item.setdefault("extra_info", {})
         result = await service.write_trajectories(
-            service.run_of(None), [item], group_size=None, source="slime"
+            service.run_of(None), [item], group_size=None, source="slime", payloads=[payload]
         )
         message = (
             b"Data has been successfully written to buffer"
@@ -54,12 +56,16 @@ def build_router() -> APIRouter:
         # slime echoes the item back; building the bytes avoids a second validation pass on the way out.
         body = b'{"success":true,"message":"%s","data":{"data":[%s],"meta_info":"write to buffer"}}' % (
             message,
-            orjson.dumps(item),
+            payload,
         )
         return Response(body, media_type="application/json")
 
+    # The hot path: a plain Starlette route, spared FastAPI's dependency machinery; the app's middleware and
+    # error handlers still apply, and the body is validated against the Trajectory model as everywhere else.
+    router.add_route("/buffer/write", buffer_write, methods=["POST"], include_in_schema=False)
+
     @router.post("/get_rollout_data")
-    async def get_rollout_data(request: Request) -> JSONResponse:
+    async def get_rollout_data(request: Request) -> Response:
         """Every complete trajectory group, flattened, with slime's meta info (the body is ignored)."""
         service = _service(request)
         run_id = service.run_of(None)
@@ -88,12 +94,14 @@ def build_router() -> APIRouter:
         data = [item for _, items in pairs for item in items]
         lease_ids = [group.lease_id for group in leased.groups]
         logger.info("slime read: %d groups, %d items", len(pairs), len(data))
-        return JSONResponse(
-            {
-                "success": True,
-                "message": f"Successfully read {len(data)} items",
-                "data": {"data": data, "meta_info": meta},
-            },
+        body = {
+            "success": True,
+            "message": f"Successfully read {len(data)} items",
+            "data": {"data": data, "meta_info": meta},
+        }
+        return Response(
+            orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS),
+            media_type="application/json",
             background=BackgroundTask(service.ack, run_id, lease_ids, api="slime"),
         )
 

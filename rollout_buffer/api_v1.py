@@ -24,7 +24,7 @@ from rollout_buffer.schemas import (
     parse_json,
     validate,
 )
-from rollout_buffer.service import BufferService, check_run_id
+from rollout_buffer.service import BufferService
 
 
 def _service(request: Request) -> BufferService:
@@ -114,7 +114,7 @@ def build_router() -> APIRouter:
     async def stats(request: Request, run_id: str | None = None) -> Response:
         """Groups complete and incomplete, queue depths, held items/bytes, lag, and run-wide totals."""
         service = _service(request)
-        run = service.run_of(check_run_id(run_id) if run_id else None)
+        run = service.run_of(run_id)
         s = await service.store.stats(run)
         queued, pending = await service.task_queue_depths(run)
         return _json(

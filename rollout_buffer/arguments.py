@@ -107,6 +107,12 @@ def add_buffer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Dotted path of a slime generator module for /start_rollout; repeatable.",
     )
     group.add_argument(
+        "--http-workers",
+        type=_positive_int,
+        default=1,
+        help="API processes sharing the port (the store is in Redis, so they need no coordination).",
+    )
+    group.add_argument(
         "--rollout-workers",
         type=_non_negative_int,
         default=0,

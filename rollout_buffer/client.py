@@ -85,6 +85,30 @@ def trajectory_sample(item: dict[str, Any], mask_generator: MultiTurnLossMaskGen
     )
 
 
+def start_rollout_payload(args: Any, skip_instance_ids: Sequence[Any] = ()) -> dict[str, Any]:
+    """slime's /start_rollout payload from the trainer's flags (numbers as strings, as slime sends them)."""
+    router = getattr(args, "router_url", None) or (
+        f"http://{getattr(args, 'sglang_router_ip', None)}:{getattr(args, 'sglang_router_port', None)}"
+    )
+    return {
+        "num_process": str(getattr(args, "rollout_num_process", 100)),
+        "num_epoch": str(getattr(args, "num_epoch", None) or 3),
+        "remote_engine_url": router,
+        "remote_buffer_url": args.rollout_buffer_url,
+        "task_type": args.rollout_task_type,
+        "input_file": getattr(args, "prompt_data", None),
+        "num_repeat_per_sample": str(args.n_samples_per_prompt),
+        "max_tokens": str(args.rollout_max_response_len),
+        "sampling_params": {
+            "max_tokens": args.rollout_max_response_len,
+            "temperature": args.rollout_temperature,
+            "top_p": args.rollout_top_p,
+        },
+        "tokenizer_path": getattr(args, "hf_checkpoint", None),
+        "skip_instance_ids": list(skip_instance_ids),
+    }
+
+
 def _group_from_proto(message: slime_pb2.Group) -> FetchedGroup:
     samples = [Sample.from_proto(sample) for sample in message.samples]
     group = FetchedGroup(group_id=message.group_id, lease_id=message.lease_id)
@@ -195,6 +219,23 @@ class BufferClient:
                 )
                 break
         return groups
+
+    async def start_rollout(self, args: Any, skip_instance_ids: Sequence[Any] = ()) -> str:
+        """POST slime's /start_rollout (task type --rollout-task-type) so the buffer runs its generator; retried
+        like a fetch. ``skip_instance_ids``: groups already trained on (slime's resume). Returns the message."""
+        payload = start_rollout_payload(args, skip_instance_ids)
+        failures = 0
+        while True:
+            try:
+                return str((await self._post("/start_rollout", payload))["message"])
+            except BufferUnavailable as exc:
+                failures += 1
+                if self.retry_times != -1 and failures > self.retry_times:
+                    raise BufferFetchError(
+                        f"/start_rollout failed {failures} times (--fetch-trajectory-retry-times "
+                        f"{self.retry_times}); last error: {exc}"
+                    ) from exc
+                await asyncio.sleep(self.retry_backoff_s)
 
     async def ack(self, lease_ids: Sequence[str]) -> int:
         """Acknowledge leased groups (they are deleted); returns how many leases were still current."""

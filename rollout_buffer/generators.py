@@ -21,7 +21,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 OPTIONAL_HOOKS = ("transform_group", "is_valid_group", "get_group_data_meta_info")
-BUILTIN_GENERATOR_DIR = Path(__file__).parent / "generator"
 
 
 class GeneratorError(ValueError):

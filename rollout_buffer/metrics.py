@@ -5,7 +5,10 @@ Counters count what this process did; the gauges mirror the run-wide state in Re
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
 
 WRITES = Counter(
     "slime_rollout_buffer_writes_total", "Items newly stored, by where they came from.", ["source"]
@@ -50,3 +53,9 @@ LAG = Gauge(
     "Age of the oldest complete group nobody has leased yet (how far readers lag behind).",
     ["run"],
 )
+
+
+@functools.cache
+def child(metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+    """``metric.labels(*labels)``, looked up once: the write path counts every request."""
+    return metric.labels(*labels)

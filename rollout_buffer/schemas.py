@@ -144,7 +144,7 @@ def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        metrics.REJECTED.labels("malformed_json").inc()
+        metrics.child(metrics.REJECTED, "malformed_json").inc()
         raise RequestValidationError(
             [
                 {
@@ -162,5 +162,5 @@ def validate(model: type[Model], data: Any) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        metrics.REJECTED.labels("invalid_field").inc()
+        metrics.child(metrics.REJECTED, "invalid_field").inc()
         raise RequestValidationError(_located(exc.errors(include_url=False, include_context=False))) from None

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
@@ -28,11 +31,11 @@ from rollout_buffer.generators import GeneratorRegistry
 from rollout_buffer.grpc_service import BufferServicer
 from rollout_buffer.service import BufferService, ServiceSettings
 from rollout_buffer.store import BufferStore, StoreLimits
+from services.core.child import wrap
 from services.core.grpc_util import create_grpc_server
 from services.core.http_app import create_app, error_body, run_app
 from services.core.logging_setup import setup_logging
 from services.core.redis_util import redact_url, redis_from_url
-from services.core.supervisor import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class BufferConfig:
     max_body_bytes: int = 64 << 20
     host: str = "127.0.0.1"
     grpc_port: int | None = None
+    # Several API processes share the gRPC port (--http-workers); off otherwise, so a taken port is an error.
+    grpc_reuse_port: bool = False
     housekeeping_interval_s: float = 1.0
 
     @classmethod
@@ -77,6 +82,7 @@ class BufferConfig:
             max_body_bytes=args.max_body_bytes,
             host=args.host,
             grpc_port=args.grpc_port,
+            grpc_reuse_port=args.http_workers > 1,
         )
 
 
@@ -107,11 +113,14 @@ def build_app(config: BufferConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis_client = redis_from_url(config.redis_url)
-        service = BufferService(BufferStore(redis_client, config.limits), config.registry, config.settings)
+        store = BufferStore(redis_client, config.limits, redis_url=config.redis_url)
+        service = BufferService(store, config.registry, config.settings)
         app.state.buffer = service
         grpc_server = None
         if config.grpc_port is not None:
-            grpc_server = create_grpc_server(config.grpc_port, config.host)
+            grpc_server = create_grpc_server(
+                config.grpc_port, config.host, options=[("grpc.so_reuseport", int(config.grpc_reuse_port))]
+            )
             slime_pb2_grpc.add_BufferServiceServicer_to_server(
                 BufferServicer(service, auth_token=config.auth_token), grpc_server
             )
@@ -131,6 +140,7 @@ def build_app(config: BufferConfig) -> FastAPI:
                 await housekeeping
             if grpc_server is not None:
                 await grpc_server.stop(grace=2.0)
+            await store.aclose()
             await redis_client.aclose()
 
     app = create_app(
@@ -160,8 +170,7 @@ def build_app(config: BufferConfig) -> FastAPI:
 def _start_worker(argv: Sequence[str], redis_url: str) -> subprocess.Popen:
     # Output is inherited so worker logs land beside the API's; the child dies with this process.
     return subprocess.Popen(
-        [sys.executable, "-m", "rollout_buffer.workers", *argv, "--redis-url", redis_url],
-        preexec_fn=die_with_parent,
+        wrap([sys.executable, "-m", "rollout_buffer.workers", *argv, "--redis-url", redis_url])
     )
 
 
@@ -190,6 +199,34 @@ def _supervise_workers(workers: list[subprocess.Popen], argv: Sequence[str], red
                 workers[i] = _start_worker(argv, redis_url)
 
 
+_ARGV_ENV = "SLIME_ROLLOUT_BUFFER_ARGV"
+
+
+def app_from_environ() -> FastAPI:
+    """The app of one of several API processes (--http-workers): built from the argv the parent passed on."""
+    args = parse_args(json.loads(os.environ[_ARGV_ENV]))
+    setup_logging(args.log_level, service=SERVICE)
+    return build_app(BufferConfig.from_args(args, args.redis_url))
+
+
+def _serve_api(args: argparse.Namespace, argv: Sequence[str], config: BufferConfig) -> None:
+    if args.http_workers == 1:
+        run_app(build_app(config), args.host, args.port, log_level=args.log_level)
+        return
+    # Several processes on one port; each also serves gRPC on the shared --grpc-port (SO_REUSEPORT).
+    os.environ[_ARGV_ENV] = json.dumps([*argv, "--redis-url", config.redis_url])
+    uvicorn.run(
+        "rollout_buffer.server:app_from_environ",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.http_workers,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -213,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config is None:
             _supervise_workers(workers, argv, redis_url)
         else:
-            run_app(build_app(config), args.host, args.port, log_level=args.log_level)
+            _serve_api(args, argv, config)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

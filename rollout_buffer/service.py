@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 # How long a cached run config (group size, task type) is trusted before it is read from Redis again.
 _CONFIG_TTL_S = 1.0
 _SEAL_ATTEMPTS = 5
+_GENERATOR_LOCK_MS = 30_000
+_RELEASE_IF_OWNER_LUA = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 
 @dataclass
@@ -55,11 +62,12 @@ class _RunConfig:
     read_at: float = field(default_factory=time.monotonic)
 
 
-def check_run_id(run_id: str, *, field_name: str = "run_id") -> str:
+def check_run_id(run_id: str) -> str:
+    """``run_id`` itself when it can namespace Redis keys; else a 422 naming the field."""
     try:
         key(run_id)
     except ValueError as exc:
-        raise ApiError(422, f"{field_name}: {exc}", field=field_name) from None
+        raise ApiError(422, f"run_id: {exc}", field="run_id") from None
     return run_id
 
 
@@ -89,6 +97,7 @@ class BufferService:
         self.settings = settings
         self._configs: dict[str, _RunConfig] = {}
         self._runs: set[str] = {settings.run_id}
+        self._background: set[asyncio.Task[None]] = set()
 
     def run_of(self, run_id: str | None) -> str:
         run = check_run_id(run_id) if run_id else self.settings.run_id
@@ -111,42 +120,76 @@ class BufferService:
     async def start_rollout(
         self, run_id: str, task_type: str, group_size: int, payload: dict[str, Any]
     ) -> bool:
-        """Record the run's task type and group size (as slime's /start_rollout does), then start its generator."""
+        """Record the run's task type and group size (as slime's /start_rollout does), then start its generator
+        unless one already runs for this run and task type in any process serving the run; False then."""
         await self.store.set_run_config(run_id, group_size=group_size, task_type=task_type)
         self._configs[run_id] = _RunConfig(group_size, task_type)
-        return self.registry.start(task_type, payload)
+        lock = f"{self.store.prefix(run_id)}:generator:{task_type}"
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        if not await self.store.redis.set(lock, owner, nx=True, px=_GENERATOR_LOCK_MS):
+            return False
+        if not self.registry.start(task_type, payload):
+            await self._release(lock, owner)
+            return False
+        holder = asyncio.create_task(self._hold_generator_lock(lock, owner, task_type))
+        self._background.add(holder)
+        holder.add_done_callback(self._background.discard)
+        return True
+
+    async def _hold_generator_lock(self, lock: str, owner: str, task_type: str) -> None:
+        # The lock expires on its own if this process dies, so a later /start_rollout can start a new generator.
+        try:
+            while self.registry.is_running(task_type):
+                await self.store.redis.pexpire(lock, _GENERATOR_LOCK_MS)
+                await asyncio.sleep(_GENERATOR_LOCK_MS / 3000)
+        finally:
+            await self._release(lock, owner)
+
+    async def _release(self, lock: str, owner: str) -> None:
+        await self.store.redis.eval(_RELEASE_IF_OWNER_LUA, 1, lock, owner)
 
     async def write_trajectories(
-        self, run_id: str, items: Sequence[dict[str, Any]], *, group_size: int | None, source: str
+        self,
+        run_id: str,
+        items: Sequence[dict[str, Any]],
+        *,
+        group_size: int | None,
+        source: str,
+        payloads: Sequence[bytes] | None = None,
     ) -> WriteResult:
-        """Store validated trajectory dicts (verbatim) all-or-nothing; groups seal by size or by is_valid_group."""
+        """Store validated trajectory dicts (verbatim) all-or-nothing; groups seal by size or by is_valid_group.
+
+        ``payloads``: the items' JSON when the caller has it already (the request body itself).
+        """
         generator, config = await self.generator_of(run_id)
         validator = generator.is_valid_group if generator is not None else None
         new_items = [
             NewItem(
                 uid=item["uid"],
                 instance_id=str(item["instance_id"]),
-                payload=orjson.dumps(item),
+                payload=orjson.dumps(item) if payloads is None else payloads[i],
                 kind=KIND_TRAJECTORY,
                 queue=QUEUE_TRAIN,
                 group_size=group_size or 0,
             )
-            for item in items
+            for i, item in enumerate(items)
         ]
         try:
             result = await self.store.write(
                 run_id, new_items, seal_by_size=validator is None, task_type=config.task_type or ""
             )
         except BufferFullError as exc:
-            metrics.REJECTED.labels("full").inc(len(items))
+            metrics.child(metrics.REJECTED, "full").inc(len(items))
             raise ApiError(
                 429,
                 f"{exc}; retry after {self.settings.retry_after_s}s",
                 field="items",
                 headers={"Retry-After": str(self.settings.retry_after_s)},
             ) from None
-        metrics.WRITES.labels(source).inc(result.stored)
-        metrics.DUPLICATES.labels(source).inc(result.duplicates)
+        if result.stored:
+            metrics.child(metrics.WRITES, source).inc(result.stored)
+        if result.duplicates:
+            metrics.child(metrics.DUPLICATES, source).inc(result.duplicates)
         sealed = len(result.sealed)
         if validator is not None:
             # Duplicates count as touches too: a client retrying after a crash between write and seal reseals.
@@ -160,7 +203,8 @@ class BufferService:
                     group_size or config.group_size,
                     config.task_type,
                 )
-        metrics.GROUPS_SEALED.inc(sealed)
+        if sealed:
+            metrics.GROUPS_SEALED.inc(sealed)
         return result
 
     async def _seal_if_valid(

@@ -1,7 +1,8 @@
 """The durable trajectory store: groups of items in Redis, idempotent by uid, leased and acknowledged, bounded.
 
 Every state change is one Lua script, so a crash of the service at any point leaves Redis consistent and Redis'
-own persistence (AOF) decides durability. Layout under ``slime:<run>:buf`` (P):
+own persistence (AOF) decides durability. Concurrent writes are group-committed: they travel as segments of one
+script call. Layout under ``slime:<run>:buf`` (P):
 
 - ``P:uid:<uid>`` -> group member, with a TTL: the idempotency record of every stored item.
 - ``P:gonce:<token>``: a whole-group write that already happened (a rollout worker's task retried).
@@ -10,25 +11,26 @@ own persistence (AOF) decides durability. Layout under ``slime:<run>:buf`` (P):
 - ``P:g:<gid>`` list of item JSON of a sealed group, ``P:ginfo:<gid>`` its hash; ``P:ready:<queue>:<kind>`` FIFO
   lists of sealed gids; ``P:leased`` zset gid -> lease deadline (ms); ``P:lease`` hash gid -> lease id.
 - ``P:usage`` hash {items, bytes} of everything not yet acknowledged (the capacity bound); ``P:counters``
-  run-wide totals; ``P:config`` the run's group size and task type (set by /start_rollout).
+  run-wide totals; ``P:config`` the run's group size and task type (set by /start_rollout);
+  ``P:generator:<task type>`` the lock of the process running that task's generator (service.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
+from rollout_buffer import pipelined_redis
+from rollout_buffer.pipelined_redis import PipelinedScript
 from services.core.redis_util import key
 
 logger = logging.getLogger(__name__)
@@ -83,8 +85,11 @@ local function requeue_expired(p, now, limit)
 end
 """
 
-# ARGV: prefix, max_items, max_bytes, dedup_ttl_ms, seal_by_size, default_size, group_token, token_ttl_ms,
-# task_type, then 6 fields per item: uid, kind, instance, queue, size (0 = the run's), payload.
+# One call stores several independent writes (segments) from concurrent requests: each segment is all or
+# nothing and idempotent on its own, and the run's counters are updated once per call.
+# ARGV: prefix, max_items, max_bytes, dedup_ttl_ms, default_size, then per segment: seal_by_size, group_token,
+# task_type, item count, and 6 fields per item: uid, kind, instance, queue, size (0 = the run's), payload.
+# Returns per segment {'ok', flags ('1' stored, '0' duplicate), sealed gids} | {'dup_group'} | {'full', items, bytes}.
 _WRITE_LUA = (
     _LUA_COMMON
     + """
@@ -92,75 +97,86 @@ local p = ARGV[1]
 local max_items = tonumber(ARGV[2])
 local max_bytes = tonumber(ARGV[3])
 local ttl = ARGV[4]
-local seal_by_size = ARGV[5] == '1'
-local default_size = tonumber(ARGV[6])
-local token = ARGV[7]
-local task_type = ARGV[9]
-local head = 9
-local n = (#ARGV - head) / 6
-if token ~= '' and redis.call('EXISTS', p .. ':gonce:' .. token) == 1 then
-  redis.call('HINCRBY', p .. ':counters', 'duplicates', n)
-  return {'dup_group'}
-end
-local status = {}
-local seen = {}
-local new_items, new_bytes = 0, 0
-for i = 1, n do
-  local b = head + (i - 1) * 6
-  local uid = ARGV[b + 1]
-  if seen[uid] or redis.call('EXISTS', p .. ':uid:' .. uid) == 1 then
-    status[i] = 0
-  else
-    seen[uid] = true
-    status[i] = 1
-    new_items = new_items + 1
-    new_bytes = new_bytes + #ARGV[b + 6]
-  end
-end
-if new_items > 0 then
-  local usage = redis.call('HMGET', p .. ':usage', 'items', 'bytes')
-  local items = tonumber(usage[1]) or 0
-  local bytes = tonumber(usage[2]) or 0
-  if items + new_items > max_items or bytes + new_bytes > max_bytes then
-    redis.call('HINCRBY', p .. ':counters', 'rejected_full', n)
-    return {'full', items, bytes}
-  end
-end
+local default_size = tonumber(ARGV[5])
+local usage = redis.call('HMGET', p .. ':usage', 'items', 'bytes')
+local held_items = tonumber(usage[1]) or 0
+local held_bytes = tonumber(usage[2]) or 0
+local written, duplicates, rejected = 0, 0, 0
 local now = now_ms()
-local sealed = {}
-for i = 1, n do
-  local b = head + (i - 1) * 6
-  if status[i] == 1 then
-    local m = ARGV[b + 2] .. ':' .. ARGV[b + 3]
-    local okey = p .. ':open:' .. m
-    local ikey = p .. ':oinfo:' .. m
-    if redis.call('EXISTS', ikey) == 0 then
-      local size = tonumber(ARGV[b + 5])
-      if size <= 0 then
-        size = tonumber(redis.call('HGET', p .. ':config', 'group_size')) or default_size
+local results = {}
+local b = 5
+while b < #ARGV do
+  local seal_by_size = ARGV[b + 1] == '1'
+  local token = ARGV[b + 2]
+  local task_type = ARGV[b + 3]
+  local n = tonumber(ARGV[b + 4])
+  local first = b + 4
+  b = first + 6 * n
+  if token ~= '' and redis.call('EXISTS', p .. ':gonce:' .. token) == 1 then
+    duplicates = duplicates + n
+    table.insert(results, {'dup_group'})
+  else
+    local status = {}
+    local seen = {}
+    local new_items, new_bytes = 0, 0
+    for i = 1, n do
+      local f = first + (i - 1) * 6
+      local uid = ARGV[f + 1]
+      if seen[uid] or redis.call('EXISTS', p .. ':uid:' .. uid) == 1 then
+        status[i] = '0'
+      else
+        seen[uid] = true
+        status[i] = '1'
+        new_items = new_items + 1
+        new_bytes = new_bytes + #ARGV[f + 6]
       end
-      redis.call('HSET', ikey, 'iid', ARGV[b + 3], 'kind', ARGV[b + 2], 'queue', ARGV[b + 4], 'size', size,
-        'created', now, 'bytes', 0, 'task_type', task_type)
     end
-    redis.call('SET', p .. ':uid:' .. ARGV[b + 1], m, 'PX', ttl)
-    redis.call('RPUSH', okey, ARGV[b + 6])
-    redis.call('HINCRBY', ikey, 'bytes', #ARGV[b + 6])
-    redis.call('ZADD', p .. ':opens', now, m)
-    if seal_by_size and redis.call('LLEN', okey) >= tonumber(redis.call('HGET', ikey, 'size')) then
-      table.insert(sealed, seal(p, m, now, 0))
+    if new_items > 0 and (held_items + new_items > max_items or held_bytes + new_bytes > max_bytes) then
+      rejected = rejected + n
+      table.insert(results, {'full', held_items, held_bytes})
+    else
+      local sealed = {}
+      for i = 1, n do
+        if status[i] == '1' then
+          local f = first + (i - 1) * 6
+          local m = ARGV[f + 2] .. ':' .. ARGV[f + 3]
+          local okey = p .. ':open:' .. m
+          local ikey = p .. ':oinfo:' .. m
+          local size = tonumber(redis.call('HGET', ikey, 'size'))
+          if not size then
+            size = tonumber(ARGV[f + 5])
+            if size <= 0 then
+              size = tonumber(redis.call('HGET', p .. ':config', 'group_size')) or default_size
+            end
+            redis.call('HSET', ikey, 'iid', ARGV[f + 3], 'kind', ARGV[f + 2], 'queue', ARGV[f + 4], 'size', size,
+              'created', now, 'bytes', 0, 'task_type', task_type)
+          end
+          redis.call('SET', p .. ':uid:' .. ARGV[f + 1], m, 'PX', ttl)
+          local count = redis.call('RPUSH', okey, ARGV[f + 6])
+          redis.call('HINCRBY', ikey, 'bytes', #ARGV[f + 6])
+          if seal_by_size and count >= size then
+            table.insert(sealed, seal(p, m, now, 0))
+          else
+            redis.call('ZADD', p .. ':opens', now, m)
+          end
+        end
+      end
+      held_items = held_items + new_items
+      held_bytes = held_bytes + new_bytes
+      written = written + new_items
+      duplicates = duplicates + n - new_items
+      if token ~= '' then redis.call('SET', p .. ':gonce:' .. token, 1, 'PX', ttl) end
+      table.insert(results, {'ok', table.concat(status), sealed})
     end
   end
 end
-if new_items > 0 then
-  redis.call('HINCRBY', p .. ':usage', 'items', new_items)
-  redis.call('HINCRBY', p .. ':usage', 'bytes', new_bytes)
-  redis.call('HINCRBY', p .. ':counters', 'written', new_items)
+if written > 0 then
+  redis.call('HSET', p .. ':usage', 'items', held_items, 'bytes', held_bytes)
+  redis.call('HINCRBY', p .. ':counters', 'written', written)
 end
-if n - new_items > 0 then redis.call('HINCRBY', p .. ':counters', 'duplicates', n - new_items) end
-if token ~= '' then redis.call('SET', p .. ':gonce:' .. token, 1, 'PX', ARGV[8]) end
-local flags = {}
-for i = 1, n do flags[i] = tostring(status[i]) end
-return {'ok', table.concat(flags), sealed}
+if duplicates > 0 then redis.call('HINCRBY', p .. ':counters', 'duplicates', duplicates) end
+if rejected > 0 then redis.call('HINCRBY', p .. ':counters', 'rejected_full', rejected) end
+return results
 """
 )
 
@@ -256,72 +272,62 @@ return {#members, dropped_items}
 """
 )
 
-# ARGV: prefix. Puts every leased group back in its ready list now (an operator's or a test's reset).
-_RELEASE_ALL_LUA = (
-    _LUA_COMMON
-    + """
-return requeue_expired(ARGV[1], '+inf', 1000000)
-"""
-)
 
+class _WriteCoalescer:
+    """Group commit for one run's writes: while ``MAX_IN_FLIGHT`` write calls are in flight, the writes that
+    arrive wait and then go to Redis together as segments of a single call, each still all-or-nothing and
+    idempotent on its own. A write that finds room is sent at once by its own caller."""
 
-class ScriptBatcher:
-    """Runs one Lua script for many concurrent callers: calls that arrive while a round trip is in flight go to
-    Redis together in the next pipeline (a group commit), each still its own atomic script execution.
+    MAX_SEGMENTS = 512
+    # Two calls in flight keep the connection busy while one reply is on its way back.
+    MAX_IN_FLIGHT = 2
 
-    Under concurrency this replaces one round trip (and one pooled connection) per call with one per batch.
-    """
-
-    MAX_BATCH = 256
-
-    def __init__(self, redis_client: aioredis.Redis, source: str):
-        self.redis = redis_client
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
+    def __init__(self, call: Callable[[list[Any]], Awaitable[Any]], header: list[Any]):
+        self.call = call
+        self.header = header
         self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        # The event loop keeps only weak references to tasks.
+        self._flushers: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, args: list[Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
-        return await future
+    async def submit(self, segment: list[Any]) -> Any:
+        if self._in_flight >= self.MAX_IN_FLIGHT or self._pending:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append((segment, future))
+            return await future
+        self._in_flight += 1
+        try:
+            [reply] = await self.call([*self.header, *segment])
+        finally:
+            self._done()
+        return reply
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH :]
-            try:
-                replies = await self._run([args for args, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
+    def _done(self) -> None:
+        """A call returned: waiting writes take its place in flight, as one batch."""
+        self._in_flight -= 1
+        while self._pending and self._in_flight < self.MAX_IN_FLIGHT:
+            batch, self._pending = self._pending[: self.MAX_SEGMENTS], self._pending[self.MAX_SEGMENTS :]
+            self._in_flight += 1
+            flusher = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+
+    async def _flush(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        args = list(self.header)
+        for segment, _ in batch:
+            args += segment
+        try:
+            replies = await self.call(args)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
             for (_, future), reply in zip(batch, replies, strict=True):
-                if future.done():
-                    continue
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
+                if not future.done():
                     future.set_result(reply)
-
-    async def _pipeline(self, calls: list[list[Any]]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(self.sha, 0, *args)
-            return await pipe.execute(raise_on_error=False)
-
-    async def _run(self, calls: list[list[Any]]) -> list[Any]:
-        replies = await self._pipeline(calls)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            # A restarted Redis has an empty script cache.
-            await self.redis.script_load(self.source)
-            for i, reply in zip(missing, await self._pipeline([calls[i] for i in missing]), strict=True):
-                replies[i] = reply
-        return replies
+        finally:
+            self._done()
 
 
 class WriteStatus(StrEnum):
@@ -445,15 +451,31 @@ def _ms(seconds: float) -> int:
 class BufferStore:
     """Async access to the run-namespaced buffer in one Redis; every method is safe to call from many processes."""
 
-    def __init__(self, redis_client: aioredis.Redis, limits: StoreLimits | None = None):
+    def __init__(
+        self, redis_client: aioredis.Redis, limits: StoreLimits | None = None, *, redis_url: str | None = None
+    ):
+        """``redis_url`` (the one ``redis_client`` was made from) puts writes on a pipelined connection of their
+        own; without it, or for TLS, writes go through ``redis_client``."""
         self.redis = redis_client
         self.limits = limits or StoreLimits()
-        self._write = ScriptBatcher(redis_client, _WRITE_LUA)
+        self._pipelined: PipelinedScript | None = None
+        self._write_call: Callable[[list[Any]], Awaitable[Any]]
+        if redis_url is not None and pipelined_redis.supports(redis_url):
+            self._pipelined = PipelinedScript(redis_url, _WRITE_LUA)
+            self._write_call = self._pipelined
+        else:
+            script = redis_client.register_script(_WRITE_LUA)
+            self._write_call = lambda args: script(args=args)
+        self._coalescers: dict[str, _WriteCoalescer] = {}
         self._seal = redis_client.register_script(_SEAL_LUA)
         self._lease = redis_client.register_script(_LEASE_LUA)
         self._ack = redis_client.register_script(_ACK_LUA)
         self._expire = redis_client.register_script(_EXPIRE_LUA)
-        self._release_all = redis_client.register_script(_RELEASE_ALL_LUA)
+
+    async def aclose(self) -> None:
+        """Close the write connection (the shared client belongs to the caller)."""
+        if self._pipelined is not None:
+            await self._pipelined.aclose()
 
     @staticmethod
     def prefix(run_id: str) -> str:
@@ -476,20 +498,20 @@ class BufferStore:
         if not items:
             return WriteResult([], [])
         limits = self.limits
-        args: list[Any] = [
-            self.prefix(run_id),
-            limits.max_items,
-            limits.max_bytes,
-            _ms(limits.dedup_ttl_s),
-            "1" if seal_by_size else "0",
-            limits.group_size,
-            group_token or "",
-            _ms(limits.dedup_ttl_s),
-            task_type,
-        ]
+        coalescer = self._coalescers.get(run_id)
+        if coalescer is None:
+            header = [
+                self.prefix(run_id),
+                limits.max_items,
+                limits.max_bytes,
+                _ms(limits.dedup_ttl_s),
+                limits.group_size,
+            ]
+            coalescer = self._coalescers[run_id] = _WriteCoalescer(self._write_call, header)
+        segment: list[Any] = ["1" if seal_by_size else "0", group_token or "", task_type, len(items)]
         for item in items:
-            args += [item.uid, item.kind, item.instance_id, item.queue, item.group_size, item.payload]
-        reply = await self._write(args)
+            segment += [item.uid, item.kind, item.instance_id, item.queue, item.group_size, item.payload]
+        reply = await coalescer.submit(segment)
         tag = reply[0]
         if tag == "dup_group":
             return WriteResult([WriteStatus.DUPLICATE] * len(items), [])
@@ -587,20 +609,6 @@ class BufferStore:
             args=[self.prefix(run_id), _ms(timeout), self.limits.expiry_action, limit]
         )
         return int(groups), int(items)
-
-    async def release_all_leases(self, run_id: str) -> int:
-        """Return every leased group of the run to its ready list now."""
-        return int(await self._release_all(args=[self.prefix(run_id)]))
-
-    async def stored(self, run_id: str, uids: Sequence[str]) -> list[bool]:
-        """Whether each uid has an idempotency record, i.e. was stored (and may since have been acknowledged)."""
-        if not uids:
-            return []
-        p = self.prefix(run_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for uid in uids:
-                pipe.exists(f"{p}:uid:{uid}")
-            return [bool(x) for x in await pipe.execute()]
 
     async def group_done(self, run_id: str, token: str) -> bool:
         """Whether a whole-group write under ``token`` already happened."""

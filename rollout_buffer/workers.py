@@ -300,9 +300,10 @@ async def run_worker(args: argparse.Namespace, stop: asyncio.Event) -> None:
         dedup_ttl_s=args.dedup_ttl,
         lease_timeout_s=args.lease_timeout,
     )
+    store = BufferStore(redis_client, limits, redis_url=args.redis_url)
     worker = RolloutWorker(
         args,
-        BufferStore(redis_client, limits),
+        store,
         run_id=args.run_id,
         concurrency=args.worker_concurrency,
         reclaim_idle_s=args.worker_reclaim_idle,
@@ -310,6 +311,7 @@ async def run_worker(args: argparse.Namespace, stop: asyncio.Event) -> None:
     try:
         await worker.run(stop)
     finally:
+        await store.aclose()
         await redis_client.aclose()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 import time
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rollout_buffer.arguments import parse_args
+from rollout_buffer.client import BufferClient, start_rollout_payload
 from rollout_buffer.generators import GeneratorError, GeneratorRegistry
 from rollout_buffer.server import BufferConfig
 from tests.rollout_buffer.helpers import ServedBuffer, serve, trajectory
@@ -117,9 +120,19 @@ def test_start_rollout_then_read_complete_groups_like_slime(
         payload = _slime_payload(buffer.url, input_file)
         assert buffer.http.post("/start_rollout", json=payload).json() == {"message": "Rollout started"}
         # slime's trainer retries /start_rollout; a second call must not start a second generator.
-        assert buffer.http.post("/start_rollout", json=payload).json() == {
-            "message": "Rollout already running"
-        }
+        args = parse_args(
+            ["--rollout-buffer-url", buffer.url, "--rollout-task-type", "toy", "--n-samples-per-prompt", "3"]
+        )
+        assert start_rollout_payload(args)["num_repeat_per_sample"] == "3"
+
+        async def start_again() -> str:
+            client = BufferClient.from_args(args)
+            try:
+                return await client.start_rollout(args)
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(start_again()) == "Rollout already running"
 
         items, meta = _get_rollout_data(buffer.http)
         deadline = time.monotonic() + 10

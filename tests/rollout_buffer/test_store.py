@@ -55,7 +55,6 @@ async def test_lease_without_ack_comes_back_after_the_timeout_and_ack_removes_it
     assert await store.ack("r", [first[0].lease_id]) == []
     assert await store.ack("r", [again.groups[0].lease_id]) == [again.groups[0].lease_id]
 
-    await store.release_all_leases("r")
     assert (await store.lease("r", 5)).groups == []
     stats = await store.stats("r")
     assert stats.items == 0 and stats.bytes == 0 and stats.complete_groups == 0
