@@ -195,20 +195,8 @@ class BufferClient:
         """Lease ``n_groups`` complete groups (fewer only as --min-batch-collection-ratio allows); ack them later."""
         enough = max(1, math.ceil(self.ratio * n_groups - 1e-9))
         groups: list[FetchedGroup] = []
-        failures = 0
         while len(groups) < n_groups:
-            try:
-                got = await self._fetch_once(n_groups - len(groups))
-            except BufferUnavailable as exc:
-                failures += 1
-                if self.retry_times != -1 and failures > self.retry_times:
-                    raise BufferFetchError(
-                        f"fetching groups from the rollout buffer failed {failures} times "
-                        f"(--fetch-trajectory-retry-times {self.retry_times}); last error: {exc}"
-                    ) from exc
-                logger.warning("fetch from the rollout buffer failed (%s); retry %d", exc, failures)
-                await asyncio.sleep(self.retry_backoff_s)
-                continue
+            got = await self.lease(n_groups - len(groups), min_groups=n_groups - len(groups))
             groups += got
             if not got and len(groups) >= enough:
                 logger.info(
@@ -219,6 +207,23 @@ class BufferClient:
                 )
                 break
         return groups
+
+    async def lease(self, max_groups: int, *, min_groups: int = 1) -> list[FetchedGroup]:
+        """One lease of up to ``max_groups`` complete groups, answered as soon as ``min_groups`` are there or after
+        ``wait_seconds`` (possibly empty); an unreachable buffer is retried per --fetch-trajectory-retry-times."""
+        failures = 0
+        while True:
+            try:
+                return await self._fetch_once(max_groups, min_groups)
+            except BufferUnavailable as exc:
+                failures += 1
+                if self.retry_times != -1 and failures > self.retry_times:
+                    raise BufferFetchError(
+                        f"fetching groups from the rollout buffer failed {failures} times "
+                        f"(--fetch-trajectory-retry-times {self.retry_times}); last error: {exc}"
+                    ) from exc
+                logger.warning("fetch from the rollout buffer failed (%s); retry %d", exc, failures)
+                await asyncio.sleep(self.retry_backoff_s)
 
     async def start_rollout(self, args: Any, skip_instance_ids: Sequence[Any] = ()) -> str:
         """POST slime's /start_rollout (task type --rollout-task-type) so the buffer runs its generator; retried
@@ -255,14 +260,14 @@ class BufferClient:
         body = await self._post("/v1/groups/ack", {"run_id": self.run_id, "lease_ids": list(lease_ids)})
         return int(body["acked"])
 
-    async def _fetch_once(self, count: int) -> list[FetchedGroup]:
+    async def _fetch_once(self, count: int, min_groups: int) -> list[FetchedGroup]:
         stub = await self._grpc_stub()
         if stub is not None:
             groups: list[FetchedGroup] = []
             request = slime_pb2.FetchRequest(
                 run_id=self.run_id,
                 max_groups=count,
-                min_groups=count,
+                min_groups=min_groups,
                 lease_seconds=self.lease_seconds or 0.0,
                 wait_seconds=self.wait_seconds,
             )
@@ -282,7 +287,7 @@ class BufferClient:
             {
                 "run_id": self.run_id,
                 "max_groups": count,
-                "min_groups": count,
+                "min_groups": min_groups,
                 "wait_seconds": self.wait_seconds,
                 "lease_seconds": self.lease_seconds,
                 "queue": self.queue,

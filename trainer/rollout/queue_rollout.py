@@ -168,7 +168,7 @@ async def _generate_train(
             ]
             entry_ids = await submit_tasks(ctx.redis, args.run_id, tasks)
             in_flight.update({task.group_id: entry for task, entry in zip(tasks, entry_ids, strict=True)})
-        fetched: list[FetchedGroup] = await ctx.train_buffer._fetch_once(len(in_flight))
+        fetched: list[FetchedGroup] = await ctx.train_buffer.lease(len(in_flight))
         for group in fetched:
             samples = group.to_samples()
             if group.group_id not in in_flight:
@@ -278,7 +278,7 @@ async def _eval_one(
     wanted = {task.group_id for task in tasks}
     groups: dict[str, list[Sample]] = {}
     while len(groups) < len(wanted):
-        fetched = await ctx.eval_buffer._fetch_once(len(wanted) - len(groups))
+        fetched = await ctx.eval_buffer.lease(len(wanted) - len(groups), min_groups=len(wanted) - len(groups))
         for group in fetched:
             if group.group_id in wanted:
                 groups[group.group_id] = group.to_samples()
