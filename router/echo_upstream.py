@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 class EchoUpstream:
     """The ASGI app. ``latency``: seconds added to every /generate; ``token_latency``: seconds per generated
-    token (between stream chunks); ``startup_delay``: /health_generate answers 503 for this long after start."""
+    token (between stream chunks). ``POST /control`` changes these and how /health_generate answers."""
 
     def __init__(
         self,
@@ -35,13 +34,11 @@ class EchoUpstream:
         weight_version: str = "0",
         latency: float = 0.0,
         token_latency: float = 0.0,
-        startup_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.weight_version = weight_version
         self.latency = latency
         self.token_latency = token_latency
-        self.ready_at = time.monotonic() + startup_delay
         # "ok", "fail" (503) or "hang" (never answers): what /health_generate does.
         self.health = "ok"
         self.requests = 0
@@ -160,7 +157,7 @@ class EchoUpstream:
     async def _health_generate(self, send: Send) -> None:
         if self.health == "hang":
             await asyncio.Event().wait()
-        if self.health == "fail" or time.monotonic() < self.ready_at:
+        if self.health == "fail":
             await send_json(send, 503, {"error": {"message": "not ready"}})
             return
         await send_json(send, 200, {})
@@ -248,16 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weight-version", default="0")
     parser.add_argument("--latency", type=float, default=0.0, help="Seconds added to every /generate.")
     parser.add_argument("--token-latency", type=float, default=0.0, help="Seconds per generated token.")
-    parser.add_argument(
-        "--startup-delay", type=float, default=0.0, help="Seconds /health_generate answers 503."
-    )
     args = parser.parse_args(argv)
     app = EchoUpstream(
         name=args.name or f"echo-{args.port}",
         weight_version=args.weight_version,
         latency=args.latency,
         token_latency=args.token_latency,
-        startup_delay=args.startup_delay,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0

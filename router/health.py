@@ -8,16 +8,18 @@ requests, which makes a worker SUSPECT at once so that the prober confirms or cl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, replace
 
-import aiohttp
 from redis.exceptions import RedisError
 
 from router import metrics
 from router.registry import WorkerRecord, WorkerRegistry, WorkerState, is_behind
+from router.upstream import UpstreamError, UpstreamPool
 from router.workers import WorkerTable
 
 logger = logging.getLogger(__name__)
@@ -106,51 +108,58 @@ class Prober:
 
     def __init__(self, config: HealthConfig) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
-        )
+        self.pool = UpstreamPool(connect_timeout=config.timeout)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.pool.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("Prober.start() has not been awaited")
-        return self._session
+    async def get(self, url: str, path: str) -> tuple[int, bytes]:
+        """GET ``url + path`` within the health-check timeout: (status, body)."""
+        async with asyncio.timeout(self.config.timeout):
+            response = await self.pool.request(url, "GET", path, [])
+            try:
+                return response.status, await response.read()
+            finally:
+                response.release()
+
+    async def post_json(self, url: str, path: str, body: bytes) -> int:
+        async with asyncio.timeout(self.config.timeout):
+            response = await self.pool.request(
+                url, "POST", path, [(b"content-type", b"application/json")], body
+            )
+            try:
+                await response.read()
+                return response.status
+            finally:
+                response.release()
 
     async def probe(self, url: str) -> ProbeResult:
         """GET /health_generate, then (if healthy) GET /get_weight_version."""
         try:
-            async with self.session.get(f"{url}/health_generate") as response:
-                await response.read()
-                if response.status >= 300:
-                    return ProbeResult(False, True, None, f"/health_generate answered HTTP {response.status}")
+            status, _ = await self.get(url, "/health_generate")
         except TimeoutError:
             return ProbeResult(
                 False, False, None, f"/health_generate did not answer within {self.config.timeout:g}s"
             )
-        except aiohttp.ClientError as exc:
-            return ProbeResult(False, False, None, f"/health_generate failed: {type(exc).__name__}: {exc}")
+        except UpstreamError as exc:
+            return ProbeResult(False, False, None, f"/health_generate failed: {exc}")
+        if status >= 300:
+            return ProbeResult(False, True, None, f"/health_generate answered HTTP {status}")
         try:
             version = await self.weight_version(url)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError, ValueError) as exc:
             return ProbeResult(False, True, None, f"/get_weight_version failed: {type(exc).__name__}: {exc}")
         return ProbeResult(True, True, version)
 
     async def weight_version(self, url: str) -> str | None:
         """The worker's weight version; None when it has no ``/get_weight_version`` (older SGLang)."""
-        async with self.session.get(f"{url}/get_weight_version") as response:
-            if response.status == 404:
-                return None
-            response.raise_for_status()
-            body = await response.json(content_type=None)
-        version = body.get("weight_version") if isinstance(body, dict) else None
+        status, body = await self.get(url, "/get_weight_version")
+        if status == 404:
+            return None
+        if status >= 300:
+            raise ValueError(f"HTTP {status}")
+        payload = json.loads(body)
+        version = payload.get("weight_version") if isinstance(payload, dict) else None
         return None if version is None else str(version)
 
 
@@ -164,22 +173,30 @@ class HealthMonitor:
         self.prober = Prober(config)
         self.owner = uuid.uuid4().hex
         self.is_leader = False
+        self._running = False
         self._last_probe: dict[str, float] = {}
         self._probing: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        # Request errors are counted here and written in batches: one Redis write per failed request would
+        # flood the registry exactly when workers fail.
+        self._unsaved_errors: Counter[str] = Counter()
+        self._last_errors: dict[str, str] = {}
 
-    async def start(self) -> None:
-        await self.prober.start()
+    def stop(self) -> None:
+        """End ``run`` after its current tick (cancellation alone can be swallowed by a client library)."""
+        self._running = False
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
         await self.prober.close()
 
     async def run(self) -> None:
-        """Hold the prober lease when free and probe every worker that is due; runs until cancelled."""
-        while True:
+        """Hold the prober lease when free and probe every worker that is due, until ``stop``."""
+        self._running = True
+        while self._running:
             try:
                 leader = await self.registry.hold_prober_lease(self.owner, LEASE_TTL_S)
             except RedisError as exc:
@@ -239,32 +256,40 @@ class HealthMonitor:
         self.table.put(updated)
         return updated
 
-    def report_failure(self, url: str, kind: str, message: str) -> None:
-        """A request to ``url`` failed in transport: stop routing to it now and let the prober confirm."""
+    def report_failure(self, url: str, kind: str, message: str, *, suspect: bool) -> None:
+        """A request to ``url`` failed. With ``suspect`` (the connection was refused or dropped: the process may
+        be gone) stop routing to it now and let the prober confirm; a timeout alone proves nothing (an engine
+        can be busy) and is left to the probes, so that overload does not cascade into every worker SUSPECT."""
         metrics.ERRORS.labels(url, kind).inc()
+        self._unsaved_errors[url] += 1
+        self._last_errors[url] = message
         record = self.table.records.get(url)
-        if record is None:
+        if not suspect or record is None or record.state not in (WorkerState.HEALTHY, WorkerState.STALE):
             return
-        if record.state in (WorkerState.HEALTHY, WorkerState.STALE):
-            logger.warning("worker %s: %s -> SUSPECT (%s)", url, record.state.value, message)
-            self.table.put(
-                replace(record, state=WorkerState.SUSPECT, state_since=time.time(), last_error=message)
-            )
-        self._spawn(self._persist_failure(url, record.state, message))
+        logger.warning("worker %s: %s -> SUSPECT (%s)", url, record.state.value, message)
+        self.table.put(
+            replace(record, state=WorkerState.SUSPECT, state_since=time.time(), last_error=message)
+        )
+        self._spawn(self._persist_suspect(url, message))
 
-    async def _persist_failure(self, url: str, seen: WorkerState, message: str) -> None:
-        patch: dict[str, object] = {"last_error": message}
+    async def _persist_suspect(self, url: str, message: str) -> None:
+        patch = {"state": WorkerState.SUSPECT.value, "state_since": time.time(), "last_error": message}
         try:
-            if seen in (WorkerState.HEALTHY, WorkerState.STALE):
-                suspect = {**patch, "state": WorkerState.SUSPECT.value, "state_since": time.time()}
-                updated = await self.registry.update(
-                    url, suspect, expect=[WorkerState.HEALTHY, WorkerState.STALE], incr={"errors_total": 1}
-                )
-                if updated is not None:
-                    return
-            await self.registry.update(url, patch, incr={"errors_total": 1})
+            await self.registry.update(url, patch, expect=[WorkerState.HEALTHY, WorkerState.STALE])
         except RedisError as exc:
-            logger.warning("cannot record the failure of %s in the registry: %s", url, exc)
+            logger.warning("cannot record that %s is SUSPECT in the registry: %s", url, exc)
+
+    async def save_errors(self) -> None:
+        """Add the request errors seen since the last call to the registry's counts, one write per worker."""
+        unsaved, self._unsaved_errors = self._unsaved_errors, Counter()
+        for url, count in unsaved.items():
+            try:
+                await self.registry.update(
+                    url, {"last_error": self._last_errors.pop(url, None)}, incr={"errors_total": count}
+                )
+            except RedisError as exc:
+                logger.warning("cannot record the errors of %s in the registry: %s", url, exc)
+                self._unsaved_errors[url] += count
 
     async def refresh_versions(self) -> None:
         """Re-read every serving worker's weight version (after a publish): behind -> STALE, caught up -> HEALTHY."""
@@ -278,7 +303,7 @@ class HealthMonitor:
     async def _refresh_version(self, url: str) -> None:
         try:
             version = await self.prober.weight_version(url)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError, ValueError) as exc:
             logger.warning("cannot read the weight version of %s: %s", url, exc)
             return
         record = self.table.records.get(url)

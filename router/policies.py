@@ -3,10 +3,13 @@
 ``cache_aware`` follows sglang-router's algorithm: unless the load is out of balance, a request goes to the worker
 whose approximate prefix tree (the texts or token ids it was sent recently) matches the longest part of its
 prompt, so that the n samples of a GRPO group, or the turns of one conversation, hit the same engine's KV cache.
+A prompt that no worker holds goes where its hash says (rendezvous hashing) rather than, as in sglang-router, to
+the worker with the smallest tree: every router process and replica then makes the same first choice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import json
@@ -240,8 +243,7 @@ class CacheAware(Policy):
             if holders and matched / len(key) > config.cache_threshold:
                 chosen = min(holders, key=lambda url: load.get(url, 0))
             else:
-                # Nobody holds enough of it: the worker with the most room in its cache.
-                chosen = min(candidates, key=lambda url: (self.tree.sizes.get(url, 0), load.get(url, 0)))
+                chosen = rendezvous(candidates, key)
         self.tree.insert(key, chosen, time.monotonic())
         if self.tree.sizes.get(chosen, 0) > config.max_tree_size:
             # Evicting to 80% spreads the cost of the walk over many inserts.
@@ -250,6 +252,13 @@ class CacheAware(Policy):
 
     def forget(self, url: str) -> None:
         self.tree.remove_tenant(url)
+
+
+def rendezvous(candidates: Sequence[str], key: str) -> str:
+    """The candidate with the highest hash of (key, candidate): a prompt nobody holds goes to the same worker from
+    every router process and replica, so the n samples of a group meet even when their connections do not."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return max(candidates, key=lambda url: hashlib.blake2b(digest + url.encode(), digest_size=8).digest())
 
 
 def routing_key(body: bytes) -> str | None:

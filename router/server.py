@@ -9,17 +9,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from enum import Enum
 from typing import Any
 
-import aiohttp
+import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from redis.exceptions import RedisError
 from starlette.middleware import Middleware
 
+from router.asgi import ASGIApp, Receive, Scope, Send
 from router.health import HealthConfig, HealthMonitor
 from router.policies import POLICIES, CacheAwareConfig, make_policy
 from router.proxy import Proxy, ProxyConfig
@@ -32,9 +38,10 @@ from router.registry import (
     WorkerState,
     normalize_worker_url,
 )
+from router.upstream import UpstreamError
 from router.workers import WorkerTable
 from services.core.arguments import SlimeArgumentParser, add_service_arguments, add_slime_arguments
-from services.core.http_app import ApiError, create_app, run_app
+from services.core.http_app import ApiError, ServiceMiddleware, create_app, run_app
 from services.core.logging_setup import setup_logging
 from services.core.plugins import PluginLoadError, load_class
 
@@ -44,6 +51,8 @@ DEFAULT_PORT = 30000
 # How often a replica re-reads the registry; also the longest a second replica lags behind the first.
 SYNC_INTERVAL_S = 0.25
 MIDDLEWARE_FLAG = "--slime-router-middleware-paths"
+# The background loops also end on a flag within one tick, so shutdown never waits longer than this.
+SHUTDOWN_WAIT_S = 2.0
 
 
 class WeightVersionBody(BaseModel):
@@ -59,7 +68,8 @@ class WeightVersionBody(BaseModel):
 
 
 class Router:
-    """The router's parts, built from the parsed flags; ``app`` is what uvicorn serves.
+    """The router's parts, built from the parsed flags; ``asgi`` is what uvicorn serves, ``app`` the FastAPI app
+    of the router's own endpoints inside it.
 
     Middlewares loaded from ``--slime-router-middleware-paths`` are built as ``cls(app, router=self)``, slime's
     contract, and may read ``self.args`` (every flag) and the live ``self.table`` of workers.
@@ -75,7 +85,6 @@ class Router:
         self.proxy_config = ProxyConfig(
             max_retries=args.max_retries,
             request_timeout=args.request_timeout,
-            connect_timeout=min(10.0, args.rollout_health_check_timeout),
             verdict_wait=args.rollout_health_check_timeout + 1.0,
         )
         self.initial_workers = [_worker_url_flag(url) for url in args.worker_urls or []]
@@ -104,38 +113,49 @@ class Router:
         self.table.on_lost(self.monitor.forget)
         # Bumped by every /abort_request, so that middlewares can tell an abort they must not retry.
         self.abort_epoch = 0
+        self._running = False
         self._tasks: list[asyncio.Task] = []
         self.app = self._build_app()
+        # What uvicorn serves. Built here, not on the first request, so that a middleware that cannot be
+        # constructed (a missing --hf-checkpoint, say) is a start-up error naming its flag.
+        self.asgi = self._build_asgi()
 
     def _build_app(self) -> FastAPI:
+        """The FastAPI app of the router's own endpoints (management, /health, /metrics) and its lifespan."""
         app = create_app("router", auth_token=self.args.auth_token, lifespan=self._lifespan)
         self._add_management_routes(app)
-        # Innermost: requests for a path the app does not serve go to the proxy without FastAPI's routing and
-        # exception layers, which cost as much as the proxying itself.
-        position = len(app.user_middleware)
-        app.user_middleware.append(Middleware(_ProxyDispatch, router=self))
-        # Inside the service middleware (auth, request ids) so that no middleware answers unauthenticated calls;
-        # in slime's order, the last one listed outermost.
-        for path in _middleware_paths(self.args.slime_router_middleware_paths):
-            cls = load_class(path, flag=MIDDLEWARE_FLAG)
-            app.user_middleware.insert(position, Middleware(cls, router=self))
-            logger.info("loaded router middleware %s.%s", cls.__module__, cls.__qualname__)
         return app
 
-    def app_routes(self) -> list[Any]:
-        """The routes the app answers itself (management, /health, /metrics, docs); the rest is proxied."""
-        return list(self.app.routes)
+    def _build_asgi(self) -> ASGIApp:
+        """The whole router, outermost first: the service middleware (request ids, auth, body limit, request
+        metrics), the slime middlewares (the last listed outermost, as slime adds them), then a dispatch that
+        sends the app's own paths to FastAPI and every other path straight to the proxy. FastAPI's own layers
+        (routing, exception handling, telemetry) cost as much as the proxying, so proxied requests skip them."""
+        service = _lift_service_middleware(self.app)
+        stack: ASGIApp = _ProxyDispatch(self.app, self.proxy)
+        for path in _middleware_paths(self.args.slime_router_middleware_paths):
+            cls = load_class(path, flag=MIDDLEWARE_FLAG)
+            stack = cls(stack, router=self)
+            logger.info("loaded router middleware %s.%s", cls.__module__, cls.__qualname__)
+        return service.cls(stack, *service.args, **service.kwargs)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        await self.monitor.start()
-        await self.proxy.start()
         for url in self.initial_workers:
             record, created = await self.registry.add(url)
             logger.info(
                 "worker %s from --worker-urls: %s", url, "registered" if created else record.state.value
             )
         self.table.replace_all(await self.registry.snapshot())
+        # One probe of each new worker before serving, so that ready engines take traffic from the first request.
+        await asyncio.gather(
+            *(
+                self.monitor.probe_and_apply(url)
+                for url, record in self.table.records.items()
+                if record.state in (WorkerState.STARTING, WorkerState.RESTARTING)
+            )
+        )
+        self._running = True
         self._tasks = [
             asyncio.create_task(self._sync_loop(), name="registry-sync"),
             asyncio.create_task(self.monitor.run(), name="health-monitor"),
@@ -143,17 +163,20 @@ class Router:
         try:
             yield
         finally:
+            self._running = False
+            self.monitor.stop()
             for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(self._tasks, timeout=SHUTDOWN_WAIT_S)
             await self.monitor.close()
             await self.proxy.close()
             await self.registry.close()
 
     async def _sync_loop(self) -> None:
         failing = False
-        while True:
+        while self._running:
             try:
+                await self.monitor.save_errors()
                 self.table.replace_all(await self.registry.snapshot())
                 if failing:
                     logger.info("registry reachable again")
@@ -255,12 +278,8 @@ class Router:
 
     async def _abort_one(self, url: str, body: bytes) -> dict[str, Any]:
         try:
-            async with self.monitor.prober.session.post(
-                f"{url}/abort_request", data=body or b"{}", headers={"content-type": "application/json"}
-            ) as response:
-                await response.read()
-                return {"status": response.status}
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            return {"status": await self.monitor.prober.post_json(url, "/abort_request", body or b"{}")}
+        except (TimeoutError, UpstreamError) as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def set_weight_version(self, request: Request) -> dict[str, Any]:
@@ -286,18 +305,27 @@ class Router:
 class _ProxyDispatch:
     """Sends every HTTP request whose path is not one of the app's own routes to the proxy."""
 
-    def __init__(self, app: Any, *, router: Router) -> None:
+    def __init__(self, app: FastAPI, proxy: Proxy) -> None:
         self.app = app
-        self.proxy = router.proxy
-        self.local_paths = frozenset(
-            path for route in router.app_routes() if (path := getattr(route, "path", None))
-        )
+        self.proxy = proxy
+        self.local_paths = frozenset(path for route in app.routes if (path := getattr(route, "path", None)))
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.local_paths:
             await self.proxy(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+
+def _lift_service_middleware(app: FastAPI) -> Middleware:
+    """Take the service middleware that ``create_app`` installed off the FastAPI app, to wrap the whole router."""
+    for entry in app.user_middleware:
+        if entry.cls is ServiceMiddleware:
+            app.user_middleware.remove(entry)
+            return entry
+    raise RuntimeError(
+        "create_app no longer installs ServiceMiddleware; the router has nothing to wrap itself in"
+    )
 
 
 def _worker_url_param(value: Any) -> str | None:
@@ -354,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--policy", choices=POLICIES, default="cache_aware", help="Load-balancing policy.")
     group.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Router processes sharing the port, for more requests/s than one core gives (needs --redis-url).",
+    )
+    group.add_argument(
         "--max-retries",
         type=int,
         default=3,
@@ -396,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 and not args.redis_url:
+        parser.error(
+            "--workers > 1 needs --redis-url: the router processes share the worker registry through Redis"
+        )
     setup_logging(args.log_level, service="router")
     try:
         router = Router(args)
@@ -403,11 +443,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     port = args.port or DEFAULT_PORT
     logger.info(
-        "router on http://%s:%d, policy %s, registry %s",
+        "router on http://%s:%d, policy %s, registry %s, %d process(es)",
         args.host,
         port,
         args.policy,
         "redis" if args.redis_url else "in-process",
+        args.workers,
     )
-    run_app(router.app, args.host, port, log_level=args.log_level)
-    return 0
+    if args.workers == 1:
+        run_app(router.asgi, args.host, port, log_level=args.log_level)
+        return 0
+    return _serve_processes(args, port)
+
+
+def _serve_processes(args: argparse.Namespace, port: int) -> int:
+    """``--workers`` router processes accepting on one listening socket, each a replica of the shared registry
+    (one of them probes, by the lease). SIGTERM/SIGINT reach every process; a process that dies ends them all,
+    so that the orchestrator restarts the router whole."""
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, port))
+    sock.set_inheritable(True)
+    # Fork, not spawn: the children need the bound socket, and build their own Router (event loop, Redis
+    # client, prober identity) after the fork.
+    context = multiprocessing.get_context("fork")
+    children = [
+        context.Process(target=_serve_one, args=(args, sock), name=f"router-{i}") for i in range(args.workers)
+    ]
+    for child in children:
+        child.start()
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = False
+    while any(child.is_alive() for child in children):
+        multiprocessing.connection.wait([child.sentinel for child in children if child.is_alive()])
+        dead = [
+            child for child in children if not child.is_alive() and child.exitcode not in (0, -signal.SIGTERM)
+        ]
+        if dead and not stopping:
+            logger.error(
+                "router process %s exited with %s; stopping the others", dead[0].name, dead[0].exitcode
+            )
+            failed = True
+            forward(signal.SIGTERM, None)
+    sock.close()
+    return 1 if failed else 0
+
+
+def _serve_one(args: argparse.Namespace, sock: socket.socket) -> None:
+    router = Router(args)
+    config = uvicorn.Config(
+        router.asgi,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=10.0,
+        access_log=False,
+    )
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,1 +1,1 @@
-"""The rollout-engine service: the built-in torch engine or a supervised SGLang server behind one SGLang-compatible API."""
+"""The rollout-engine service: the built-in torch engine or a supervised SGLang server behind SGLang's HTTP API."""

@@ -34,9 +34,10 @@ class DecodeGraphs:
         self.batch_buckets = sorted({b for b in _BATCH_BUCKETS if b < max_batch} | {max_batch})
         self.length_buckets = _length_buckets(context_len)
         device = model.device
-        self.ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.mask = torch.zeros(max_batch, context_len, dtype=torch.float32, device=device)
+        # Row 0: token ids, row 1: positions; one host-to-device copy per step.
+        self.host = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=True)
+        self.inputs = torch.zeros(2, max_batch, dtype=torch.long, device=device)
+        self.key_pos = torch.arange(context_len, device=device)
         self.rows = torch.arange(max_batch, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -50,22 +51,19 @@ class DecodeGraphs:
         self._pool = None
         self._kv = None
 
-    def run(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+    def run(self, input_ids: list[int], positions: list[int], kv: KVCache) -> torch.Tensor:
+        """Logits ``[len(input_ids), vocab]`` of one decode step for running rows ``0..n-1``."""
         if kv is not self._kv:
             self.clear()
             self._kv = kv
-        n, length = batch.num_decode, batch.decode_len
+        n = len(input_ids)
         bs = next(b for b in self.batch_buckets if b >= n)
-        cap = next(t for t in self.length_buckets if t >= length)
-        self.ids[:n].copy_(batch.input_ids[:n])
-        self.pos[:n].copy_(batch.positions[:n])
-        self.mask[:n, :length].copy_(batch.decode_mask.view(n, length))
-        self.mask[:n, length:cap].fill_(float("-inf"))
-        if bs > n:
-            self.ids[n:bs].zero_()
-            self.pos[n:bs].zero_()
-            self.mask[n:bs, :cap].fill_(float("-inf"))
-            self.mask[n:bs, 0].zero_()
+        cap = next(t for t in self.length_buckets if t > max(positions))
+        # The host copy must not be rewritten while the previous step's transfer may still read it.
+        torch.cuda.current_stream().synchronize()
+        self.host[:, :n] = torch.tensor([input_ids, positions])
+        self.host[:, n:bs] = 0
+        self.inputs[:, :bs].copy_(self.host[:, :bs], non_blocking=True)
         key = (bs, cap)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bs, cap, kv)
@@ -73,24 +71,29 @@ class DecodeGraphs:
         graph.replay()
         return logits[:n]
 
-    def _capture(self, bs: int, cap: int, kv: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        static = ForwardBatch(
-            input_ids=self.ids[:bs],
-            positions=self.pos[:bs],
+    def _forward(self, bs: int, cap: int, kv: KVCache) -> torch.Tensor:
+        positions = self.inputs[1, :bs]
+        # Padded rows sit at position 0 of free slots and attend to that one key.
+        mask = torch.where(self.key_pos[:cap].unsqueeze(0) <= positions.unsqueeze(1), 0.0, float("-inf"))
+        batch = ForwardBatch(
+            input_ids=self.inputs[0, :bs],
+            positions=positions,
             num_decode=bs,
             decode_len=cap,
-            decode_mask=self.mask[:bs, :cap].view(bs, 1, 1, cap),
+            decode_mask=mask,
         )
-        rows = self.rows[:bs]
+        return self.model.forward(batch, kv, self.rows[:bs])
+
+    def _capture(self, bs: int, cap: int, kv: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up on a side stream, as CUDA graph capture requires; it computes exactly what the replay will.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.model.forward(static, kv, rows)
+            self._forward(bs, cap, kv)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.model.forward(static, kv, rows)
+            logits = self._forward(bs, cap, kv)
         self._pool = graph.pool()
         logger.debug("captured decode graph batch=%d len=%d", bs, cap)
         return graph, logits

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -86,9 +87,8 @@ def _kv_budget_bytes(settings: EngineSettings, device: torch.device, weight_byte
         free, total = torch.cuda.mem_get_info(device)
         fraction = settings.mem_fraction_static or 0.85
         return max(int(total * fraction) - (total - free) - weight_bytes, 0)
-    import psutil
-
-    return min(int(psutil.virtual_memory().available * 0.25), 4 << 30)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(available // 4, 4 << 30)
 
 
 class BuiltinEngine:
@@ -301,7 +301,7 @@ class BuiltinEngine:
 
     async def pause(self, mode: str) -> None:
         if mode not in PAUSE_MODES:
-            raise RequestError(f"mode must be one of {list(PAUSE_MODES)}, got {mode!r}", "mode")
+            raise RequestError(f"must be one of {list(PAUSE_MODES)}, got {mode!r}", "mode")
         await self.run_on_scheduler(lambda: self.scheduler.pause(mode))
 
     async def resume(self) -> None:
@@ -315,7 +315,7 @@ class BuiltinEngine:
         tags = list(MEMORY_TAGS) if tags is None else tags
         bad = [t for t in tags if t not in MEMORY_TAGS]
         if bad:
-            raise RequestError(f"unknown memory tags {bad}; valid tags: {list(MEMORY_TAGS)}", "tags")
+            raise RequestError(f"unknown memory tags {bad}; valid: {list(MEMORY_TAGS)}", "tags")
         return tags
 
     async def release_memory(self, tags: list[str] | None) -> None:

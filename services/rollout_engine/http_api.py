@@ -61,6 +61,12 @@ async def optional_body(request: Request, model: type[M]) -> M:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
 
 
+def bad_request(exc: RequestError, field: str | None = None) -> ApiError:
+    """A 400 whose message starts with the field at fault, like the validation errors."""
+    field = field or exc.field
+    return ApiError(400, f"{field}: {exc}", field=field)
+
+
 def _int_extra(req: GenerateRequest, name: str, default: int) -> int:
     value = (req.model_extra or {}).get(name, default)
     if value is None:
@@ -101,7 +107,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
                 rid=item.rid, text=item.text, input_ids=item.input_ids, params=params, field_prefix=prefix
             )
         except RequestError as exc:
-            raise ApiError(400, str(exc), field=exc.field) from exc
+            raise bad_request(exc) from exc
         jobs.append((rid, ids, params, bool(item.return_logprob)))
 
     def run(job: tuple) -> AsyncIterator:
@@ -223,7 +229,7 @@ async def pause_generation(request: Request) -> dict[str, Any]:
     try:
         await engine.pause(body.mode)
     except RequestError as exc:
-        raise ApiError(400, str(exc), field=exc.field) from exc
+        raise bad_request(exc) from exc
     return {
         "message": "Generation paused successfully.",
         "status": "ok",
@@ -249,7 +255,7 @@ async def release_memory_occupation(request: Request) -> dict[str, Any]:
     try:
         await engine.release_memory(body.tags)
     except RequestError as exc:
-        raise ApiError(400, str(exc), field=exc.field) from exc
+        raise bad_request(exc) from exc
     return {"success": True, "message": "Memory released.", "weight_version": engine.weight_version}
 
 
@@ -260,7 +266,7 @@ async def resume_memory_occupation(request: Request) -> dict[str, Any]:
     try:
         await engine.resume_memory(body.tags)
     except RequestError as exc:
-        raise ApiError(400, str(exc), field=exc.field) from exc
+        raise bad_request(exc) from exc
     return {"success": True, "message": "Memory resumed.", "weight_version": engine.weight_version}
 
 

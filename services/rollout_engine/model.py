@@ -178,8 +178,8 @@ class StageCache:
 @dataclass
 class ForwardBatch:
     """What one forward pass computes: ``num_decode`` decode tokens first (row i = cache slot i), then prefill
-    chunks. ``positions`` holds every token's position; ``decode_mask`` the additive attention mask of the decode
-    rows over ``decode_len`` cached positions."""
+    chunks. ``positions`` holds every token's position; ``decode_mask [num_decode, decode_len]`` the additive
+    attention mask of the decode rows over the cached positions."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -216,16 +216,14 @@ class KVCache:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    # torch's rms_norm computes in fp32 and multiplies by the weight after casting back, as Hugging Face does.
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's ``x * cos + rotate_half(x) * sin`` in three kernels: ``rotate_half(x)`` is ``x`` rolled by
+    half a head with the first half negated, and that sign is folded into ``sin_signed``."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 class CausalLM:
@@ -260,9 +258,14 @@ class CausalLM:
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
+        half = cfg.head_dim // 2
+        sign = torch.cat((-torch.ones(half), torch.ones(half)))
         self.cos = emb.cos().to(dtype=dtype, device=device)
-        self.sin = emb.sin().to(dtype=dtype, device=device)
+        self.sin_signed = (emb.sin().to(dtype) * sign.to(dtype)).to(device)
         self.scale = cfg.head_dim**-0.5
+        # Half-precision scores would round attention logits to ~3 digits: compute them in fp32 (cuBLAS can
+        # write fp32 from bf16 inputs directly; elsewhere the inputs are converted first).
+        self._fp32_scores_from_half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
 
     # ---------------------------------------------------------------- weights
 
@@ -310,35 +313,47 @@ class CausalLM:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
-        """Run ``batch`` through the model, writing keys/values, and return fp32 logits of ``logit_rows``."""
+        """Run ``batch`` through the model, writing keys/values, and return fp32 logits of ``logit_rows``.
+
+        Kernel count matters on GPUs (a small model's decode step is launch-bound): q/k/v and gate/up are
+        single matmuls, RoPE is three kernels for q and k together, residual adds ride on ``addmm``.
+        """
         cfg = self.cfg
         n_tok = batch.input_ids.shape[0]
+        heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos = self.cos[batch.positions].unsqueeze(1)
-        sin = self.sin[batch.positions].unsqueeze(1)
+        sin = self.sin_signed[batch.positions].unsqueeze(1)
         x = self.embed[batch.input_ids]
         nd = batch.num_decode
-        decode_slots = torch.arange(nd, device=self.device) if nd else None
-        decode_pos = batch.positions[:nd]
+        if nd:
+            decode_slots = torch.arange(nd, device=self.device)
+            decode_pos = batch.positions[:nd]
+            length = batch.decode_len
+            # One additive mask row per (sequence, KV head), broadcast over the query heads of the group.
+            mask = (
+                batch.decode_mask.unsqueeze(1).expand(nd, kv_heads, length).reshape(nd * kv_heads, 1, length)
+            )
+        h = _rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps) if self.layers else x
         for li, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
-            q = qkv[:, : cfg.q_size].view(n_tok, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(n_tok, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, cfg.q_size + cfg.kv_size :].view(n_tok, cfg.num_kv_heads, cfg.head_dim)
-            if layer.q_norm is not None:
-                q = _rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = _rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
-            q = _rotate(q, cos, sin)
-            k = _rotate(k, cos, sin)
-            attn = torch.empty(n_tok, cfg.num_heads, cfg.head_dim, dtype=x.dtype, device=self.device)
+            v = qkv[:, cfg.q_size + cfg.kv_size :].view(n_tok, kv_heads, dim)
+            if layer.q_norm is None:
+                qk = _rope(qkv[:, : cfg.q_size + cfg.kv_size].view(n_tok, heads + kv_heads, dim), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+            else:
+                q = _rope(
+                    _rms_norm(qkv[:, : cfg.q_size].view(n_tok, heads, dim), layer.q_norm, cfg.rms_norm_eps),
+                    cos,
+                    sin,
+                )
+                k_raw = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(n_tok, kv_heads, dim)
+                k = _rope(_rms_norm(k_raw, layer.k_norm, cfg.rms_norm_eps), cos, sin)
+            attn = torch.empty(n_tok, heads, dim, dtype=x.dtype, device=self.device)
             if nd:
                 kv.k[li][decode_slots, :, decode_pos] = k[:nd]
                 kv.v[li][decode_slots, :, decode_pos] = v[:nd]
-                attn[:nd] = self._decode_attention(
-                    q[:nd],
-                    kv.k[li, :nd, :, : batch.decode_len],
-                    kv.v[li, :nd, :, : batch.decode_len],
-                    batch.decode_mask,
+                self._decode_attention(
+                    q[:nd], kv.k[li, :nd, :, :length], kv.v[li, :nd, :, :length], mask, attn[:nd]
                 )
             for seg in batch.segments:
                 lo, hi = seg.token_offset, seg.token_offset + seg.length
@@ -348,27 +363,36 @@ class CausalLM:
                 attn[lo:hi] = self._prefill_attention(
                     q[lo:hi], seg.stage.k[li, :, :end], seg.stage.v[li, :, :end], seg.start
                 )
-            x = x + F.linear(attn.view(n_tok, cfg.q_size), layer.o_weight)
+            x = torch.addmm(x, attn.view(n_tok, cfg.q_size), layer.o_weight.t())
             h = _rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up_weight).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_weight)
+            gate_up = F.linear(h, layer.gate_up_weight)
+            inter = cfg.intermediate_size
+            x = torch.addmm(x, F.silu(gate_up[:, :inter]) * gate_up[:, inter:], layer.down_weight.t())
+            if li + 1 < len(self.layers):
+                h = _rms_norm(x, self.layers[li + 1].input_norm, cfg.rms_norm_eps)
         x = _rms_norm(x[logit_rows], self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
 
     def _decode_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """One query per row against that row's cached keys: ``q [B, H, D]``, ``k/v [B, KV, T, D]``.
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """One query per row against its cached keys, into ``out``: ``q/out [B, H, D]``, ``k/v [B, KV, T, D]``,
+        ``mask [B * KV, 1, T]``.
 
-        Grouped-query heads are folded into the query dimension so keys are read once per KV head; plain
-        matmuls beat fused attention kernels on CPU for a single query row.
+        Query heads of a group share their KV head's keys, so each (row, KV head) is one small matmul of the
+        batched product; this beats fused attention kernels for a single query row on CPU, and on GPU runs
+        inside the decode CUDA graph.
         """
-        b, _, d = q.shape
-        kvh = k.shape[1]
-        qg = q.view(b, kvh, -1, d)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale + mask
+        b, kvh, length, d = k.shape
+        group = q.shape[1] // kvh
+        qg = q.reshape(b * kvh, group, d)
+        keys = k.reshape(b * kvh, length, d).transpose(1, 2)
+        if self._fp32_scores_from_half:
+            scores = torch.baddbmm(mask, qg, keys, alpha=self.scale, out_dtype=torch.float32)
+        else:
+            scores = torch.baddbmm(mask, qg.float(), keys.float(), alpha=self.scale)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v).view(b, -1, d)
+        torch.bmm(probs, v.reshape(b * kvh, length, d), out=out.view(b * kvh, group, d))
 
     def _prefill_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int

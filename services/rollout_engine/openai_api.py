@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from services.core.http_app import ApiError
 from services.core.wire import SamplingParams
 from services.rollout_engine.engine import BuiltinEngine
-from services.rollout_engine.http_api import engine_of
+from services.rollout_engine.http_api import bad_request, engine_of
 from services.rollout_engine.protocol import ChatCompletionRequest, CompletionRequest, OpenAISampling
 from services.rollout_engine.requests import GenerationParams, RequestError, Snapshot
 from services.rollout_engine.text import TextCodec
@@ -48,7 +48,7 @@ def _params(body: OpenAISampling, max_tokens: int | None, engine: BuiltinEngine)
     try:
         return GenerationParams.from_wire(wire, engine.vocab_size, prefix="")
     except RequestError as exc:
-        raise ApiError(400, str(exc), field=exc.field.lstrip(".")) from exc
+        raise bad_request(exc) from exc
 
 
 def _finish(snap: Snapshot) -> tuple[str | None, Any]:
@@ -91,7 +91,7 @@ def _prepare(
         return engine.prepare(rid=body.rid, params=params, **prompt)
     except RequestError as exc:
         field = {"input_ids": "prompt", "text": "prompt"}.get(exc.field, exc.field)
-        raise ApiError(400, str(exc), field=field) from exc
+        raise bad_request(exc, field) from exc
 
 
 @router.get("/v1/models")

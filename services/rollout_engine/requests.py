@@ -45,6 +45,10 @@ class GenerationParams:
         cls, params: SamplingParams, vocab_size: int, prefix: str = "sampling_params"
     ) -> GenerationParams:
         """Resolve ``params``; reject what the built-in engine does not implement, naming the field."""
+
+        def where(name: str) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
         unsupported = {
             "frequency_penalty": 0.0,
             "presence_penalty": 0.0,
@@ -61,21 +65,20 @@ class GenerationParams:
         for name, neutral in unsupported.items():
             if getattr(params, name) not in (neutral, [], {}):
                 raise RequestError(
-                    f"{prefix}.{name}={getattr(params, name)!r} is not supported by the built-in engine "
+                    f"{getattr(params, name)!r} is not supported by the built-in engine "
                     f"(only the neutral value {neutral!r}); use the SGLang backend for it",
-                    f"{prefix}.{name}",
+                    where(name),
                 )
         stop_ids = frozenset(params.stop_token_ids or ())
         bad = sorted(t for t in stop_ids if not 0 <= t < vocab_size)
         if bad:
             raise RequestError(
-                f"{prefix}.stop_token_ids has ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
-                f"{prefix}.stop_token_ids",
+                f"ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", where("stop_token_ids")
             )
         stop = params.stop
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(s == "" for s in stops):
-            raise RequestError(f"{prefix}.stop must not contain empty strings", f"{prefix}.stop")
+            raise RequestError("must not contain empty strings", where("stop"))
         top_k = vocab_size if params.top_k == -1 else min(params.top_k, vocab_size)
         temperature = 0.0 if params.temperature < GREEDY_EPS else params.temperature
         return cls(

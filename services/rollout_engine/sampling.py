@@ -57,12 +57,18 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_num: int = 0) -> SampleOutput:
-    """Pick one token per row of ``logits [rows, vocab]`` (fp32) and return its log-prob."""
+    """Pick one token per row of ``logits [rows, vocab]`` (fp32) and return its log-prob.
+
+    Per-row settings are decided on the host, so the only device-to-host transfer is the result (one sync).
+    """
     device = logits.device
     vocab = logits.shape[1]
-    temps = torch.tensor([r.temperature for r in rows], device=device)
-    greedy = temps == 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
+    all_greedy = all(r.temperature == 0 for r in rows)
+    if all_greedy:
+        scaled = logits
+    else:
+        temps = torch.tensor([r.temperature or 1.0 for r in rows], device=device)
+        scaled = logits / temps.unsqueeze(1)
     logprobs_all = torch.log_softmax(scaled, dim=-1)
 
     masked = scaled
@@ -71,24 +77,25 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], top_logprobs_num: int 
         for i, r in enumerate(rows):
             if r.banned:
                 masked[i, list(r.banned)] = float("-inf")
-    if any(r.top_k < vocab or r.top_p < 1.0 or r.min_p > 0.0 for r in rows):
+    if not all_greedy and any(r.top_k < vocab or r.top_p < 1.0 or r.min_p > 0.0 for r in rows):
         masked = _restrict_support(masked, rows)
 
-    if bool(greedy.all()):
+    if all_greedy:
         tokens = masked.argmax(dim=-1)
     else:
-        seeds = torch.tensor([r.seed for r in rows], device=device, dtype=torch.int64)
-        steps = torch.tensor([r.step for r in rows], device=device, dtype=torch.int64)
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds, steps, vocab)))
+        seeds = torch.tensor([[r.seed, r.step] for r in rows], device=device, dtype=torch.int64)
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds[:, 0], seeds[:, 1], vocab)))
         # Greedy rows get no noise, so one argmax serves both kinds of rows.
-        noisy = masked + torch.where(greedy.unsqueeze(1), torch.zeros_like(gumbel), gumbel)
-        tokens = noisy.argmax(dim=-1)
+        sampled = torch.tensor([r.temperature > 0 for r in rows], device=device).unsqueeze(1)
+        tokens = (masked + gumbel * sampled).argmax(dim=-1)
     chosen = logprobs_all.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    # Token ids are exact in float64; one transfer carries ids and log-probs.
+    host = torch.stack((tokens.double(), chosen.double())).tolist()
     top = None
     if top_logprobs_num > 0:
         values, indices = logprobs_all.topk(min(top_logprobs_num, vocab), dim=-1)
         top = [list(zip(v, i, strict=True)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
-    return SampleOutput(tokens=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
+    return SampleOutput(tokens=[int(t) for t in host[0]], logprobs=host[1], top_logprobs=top)
 
 
 def _restrict_support(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

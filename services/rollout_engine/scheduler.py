@@ -324,10 +324,12 @@ class Scheduler:
         decode = list(self.running)
         if not decode and not segments:
             return
-        batch, logit_rows, input_lp_rows = self._build_batch(decode, segments)
+        input_lp_rows: dict[str, tuple[int, int, int]] = {}
         if self.graphs is not None and not segments and self.graphs.supports(len(decode)):
-            logits = self.graphs.run(batch, self.kv)
+            ids = [s.all_ids[-1] for s in decode]
+            logits = self.graphs.run(ids, [len(s.all_ids) - 1 for s in decode], self.kv)
         else:
+            batch, logit_rows, input_lp_rows = self._build_batch(decode, segments)
             logits = self.model.forward(batch, self.kv, torch.tensor(logit_rows, device=self.model.device))
 
         for seq, _, _ in segments:
@@ -356,10 +358,12 @@ class Scheduler:
 
         if not samplers:
             return
-        rows_tensor = torch.tensor(sample_rows, device=logits.device)
+        if sample_rows != list(range(len(sample_rows))):
+            logits = logits[torch.tensor(sample_rows, device=logits.device)]
         want_top = max((s.req.top_logprobs_num for s in samplers), default=0)
-        out = sample(logits[rows_tensor], [self._sampling_row(s) for s in samplers], want_top)
+        out = sample(logits[: len(samplers)], [self._sampling_row(s) for s in samplers], want_top)
         now = time.perf_counter()
+        inter_token: float | None = None
         finished: list[tuple[Sequence, dict[str, Any]]] = []
         for i, seq in enumerate(samplers):
             token = out.tokens[i]
@@ -373,12 +377,15 @@ class Scheduler:
                 seq.first_token_at = now
                 metrics.TTFT.observe(now - seq.arrived_at)
             else:
-                metrics.ITL.observe(now - seq.last_token_at)
+                inter_token = now - seq.last_token_at
             seq.last_token_at = now
             reason = self._finish_reason(seq)
             if reason is not None:
                 finished.append((seq, reason))
         metrics.GENERATION_TOKENS.inc(len(samplers))
+        if inter_token is not None:
+            # Every running sequence waited the same step for its token: one observation per decode step.
+            metrics.ITL.observe(inter_token)
         for seq, reason in finished:
             self._finish(seq, reason)
         for seq in samplers:
@@ -444,9 +451,7 @@ class Scheduler:
             key_pos = torch.arange(batch.decode_len, device=device)
             pos = batch.positions[: len(decode)].unsqueeze(1)
             mask = torch.zeros(len(decode), batch.decode_len, device=device)
-            batch.decode_mask = mask.masked_fill(key_pos.unsqueeze(0) > pos, float("-inf")).view(
-                len(decode), 1, 1, batch.decode_len
-            )
+            batch.decode_mask = mask.masked_fill(key_pos.unsqueeze(0) > pos, float("-inf"))
         return batch, logit_rows, input_lp_rows
 
     def _record_input_logprobs(

@@ -4,6 +4,7 @@ uvicorn on loopback, all sharing a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,9 +14,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import uvicorn
@@ -119,7 +122,7 @@ class RouterServer:
         self.port = free_port()
         self.args = build_parser().parse_args([*argv, "--port", str(self.port)])
         self.router = Router(self.args)
-        config = uvicorn.Config(self.router.app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(self.router.asgi, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -178,10 +181,19 @@ def start_router(redis_server: EmbeddedRedis) -> Iterator[Callable[..., RouterSe
 class SteadyLoad:
     """Clients sending /generate back to back from a background thread; every answer is checked."""
 
-    def __init__(self, url: str, concurrency: int = 8, max_new_tokens: int = 6) -> None:
+    def __init__(
+        self,
+        url: str,
+        concurrency: int = 8,
+        max_new_tokens: int = 6,
+        check: Callable[[str, dict], str | None] | None = None,
+    ) -> None:
+        """``check(prompt, answer)`` says what is wrong with an answer (None: nothing); by default the answer
+        must be EchoUpstream's echo of the prompt."""
         self.url = url
         self.concurrency = concurrency
         self.max_new_tokens = max_new_tokens
+        self.check = check or self._echoed
         self.failures: list[str] = []
         self.answered = 0
         self.served_by: Counter[str] = Counter()
@@ -203,24 +215,53 @@ class SteadyLoad:
             assert time.monotonic() < deadline, f"load stalled at {self.answered} answers"
             time.sleep(0.02)
 
-    async def _run(self) -> None:
-        limits = httpx.Limits(max_connections=self.concurrency)
-        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-            await asyncio.gather(*(self._client(client, index) for index in range(self.concurrency)))
+    def _echoed(self, prompt: str, answer: dict) -> str | None:
+        return None if answer["text"] == prompt[: self.max_new_tokens] else "not the echo of the prompt"
 
-    async def _client(self, client: httpx.AsyncClient, index: int) -> None:
+    async def _run(self) -> None:
+        # aiohttp, not httpx: under hundreds of concurrent requests httpx's pool costs several times more CPU.
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        ) as session:
+            await asyncio.gather(*(self._client(session, index) for index in range(self.concurrency)))
+
+    async def _client(self, session: aiohttp.ClientSession, index: int) -> None:
         sent = 0
         while not self._stop.is_set():
             prompt = f"client {index} request {sent}"
             sent += 1
             body = {"text": prompt, "sampling_params": {"max_new_tokens": self.max_new_tokens}}
             try:
-                response = await client.post(f"{self.url}/generate", json=body)
-            except httpx.HTTPError as exc:
+                async with session.post(f"{self.url}/generate", json=body) as response:
+                    text = await response.text()
+                    worker = response.headers.get("x-slime-worker")
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 self.failures.append(f"{prompt}: {type(exc).__name__}: {exc}")
                 continue
-            if response.status_code != 200 or response.json()["text"] != prompt[: self.max_new_tokens]:
-                self.failures.append(f"{prompt}: HTTP {response.status_code} {response.text[:300]}")
+            problem = f"HTTP {status}" if status != 200 else self.check(prompt, json.loads(text))
+            if problem is not None:
+                self.failures.append(f"{prompt}: {problem}: {text[:300]}")
                 continue
             self.answered += 1
-            self.served_by[response.headers["x-slime-worker"]] += 1
+            self.served_by[worker] += 1
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+async def post_many(url: str, bodies: list[dict]) -> list[Answer]:
+    """POST every body at once (aiohttp, one connection each) and return the answers in order."""
+    connector = aiohttp.TCPConnector(limit=len(bodies))
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def one(body: dict) -> Answer:
+            async with session.post(url, json=body) as response:
+                return Answer(response.status, dict(response.headers), await response.json(content_type=None))
+
+        return await asyncio.gather(*(one(body) for body in bodies))

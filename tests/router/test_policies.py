@@ -16,6 +16,7 @@ from router.policies import (
     PrefixTree,
     RoundRobin,
     make_policy,
+    rendezvous,
     routing_key,
 )
 
@@ -65,7 +66,7 @@ def test_cache_aware_sends_a_grpo_group_to_one_worker_and_spreads_groups() -> No
     policy = CacheAware()
     load: Counter[str] = Counter()
     chosen_per_group = []
-    for group in range(6):
+    for group in range(60):
         prompt = f"Question {group}: what is {group} + {group}? Think step by step."
         chosen = set()
         for _ in range(8):
@@ -75,8 +76,20 @@ def test_cache_aware_sends_a_grpo_group_to_one_worker_and_spreads_groups() -> No
         assert len(chosen) == 1, f"group {group} went to {chosen}"
         chosen_per_group.append(chosen.pop())
         load.clear()
-    # New prompts go to the worker with the smallest tree, so six groups use all three workers twice.
-    assert Counter(chosen_per_group) == {A: 2, B: 2, C: 2}
+    spread = Counter(chosen_per_group)
+    assert set(spread) == {A, B, C} and min(spread.values()) >= 10, spread
+
+
+def test_a_new_prompt_gets_the_same_worker_from_every_router_process() -> None:
+    # Two policies stand for two router processes or replicas, each with its own tree.
+    first, second = CacheAware(), CacheAware()
+    for index in range(20):
+        prompt = f"prompt {index}"
+        assert first.select([A, B, C], {}, prompt) == second.select([C, A, B], {}, prompt)
+    # A worker leaving moves only its own prompts.
+    before = {i: rendezvous([A, B, C], f"p{i}") for i in range(100)}
+    after = {i: rendezvous([A, B], f"p{i}") for i in range(100)}
+    assert all(after[i] == before[i] for i in before if before[i] != C)
 
 
 def test_cache_aware_follows_a_conversation_prefix() -> None:
@@ -98,10 +111,11 @@ def test_cache_aware_balances_when_load_is_uneven() -> None:
 
 def test_cache_aware_ignores_a_holder_that_is_not_a_candidate() -> None:
     policy = CacheAware()
-    prompt = "prompt held by a worker that died"
+    prompt = "prompt held by a worker that is not HEALTHY now"
     assert policy.select([A], {}, prompt) == A
+    assert policy.select([B, C], {B: 3, C: 0}, prompt) == rendezvous([B, C], prompt)
     policy.forget(A)
-    assert policy.select([B, C], {B: 3, C: 0}, prompt) == C
+    assert A not in policy.tree.sizes
 
 
 def test_least_load_round_robin_and_power_of_two() -> None:

@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.router.conftest import EchoProcess, SteadyLoad
+from tests.router.conftest import SteadyLoad, post_many
 
 INTERVAL_PLUS_TIMEOUT = (
     1.0  # the fixtures' --rollout-health-check-interval 0.5 + --rollout-health-check-timeout 0.5
@@ -134,15 +134,11 @@ def test_a_hung_engine_is_declared_dead_and_its_requests_move(start_router, echo
     # Silent hang: connections are accepted, nothing is ever answered (requests, health checks).
     hung.control(latency=120, health="hang")
 
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=30) as client:
-            body = {"text": "still there?", "sampling_params": {"max_new_tokens": 5}}
-            return await asyncio.gather(*(client.post(f"{router.url}/generate", json=body) for _ in range(6)))
-
+    body = {"text": "still there?", "sampling_params": {"max_new_tokens": 5}}
     started = time.monotonic()
-    answers = asyncio.run(burst())
+    answers = asyncio.run(post_many(f"{router.url}/generate", [body] * 6))
     elapsed = time.monotonic() - started
-    assert [a.status_code for a in answers] == [200] * 6
+    assert [a.status for a in answers] == [200] * 6
     assert {a.headers["x-slime-worker"] for a in answers} == {healthy.url}
     # Found within interval + timeout of the first failed probe (+ its confirmation), not after 120 s.
     assert elapsed < 4 * INTERVAL_PLUS_TIMEOUT
@@ -182,28 +178,32 @@ def test_registry_survives_a_router_restart_and_is_shared_by_two_replicas(
 
 def test_a_thousand_concurrent_requests_and_a_group_on_one_worker(start_router, echo_upstreams) -> None:
     upstreams = echo_upstreams(3)
-    router = start_router("--policy", "cache_aware", "--worker-urls", *(u.url for u in upstreams))
+    # Probes get more time here: a thousand requests at once keep the engines' event loops busy.
+    router = start_router(
+        "--policy",
+        "cache_aware",
+        "--rollout-health-check-timeout",
+        "10",
+        "--worker-urls",
+        *(u.url for u in upstreams),
+    )
     for upstream in upstreams:
         router.wait_state(upstream.url, "HEALTHY")
 
-    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-
-            async def one(prompt: str) -> httpx.Response:
-                body = {"text": prompt, "sampling_params": {"max_new_tokens": 32}}
-                return await client.post(f"{router.url}/generate", json=body)
-
-            many = await asyncio.gather(*(one(f"prompt number {i}: compute {i} * {i}") for i in range(1000)))
-            group = await asyncio.gather(*(one("one GRPO group, one prompt: 12 * 12 = ?") for _ in range(8)))
-            return many, group
-
-    many, group = asyncio.run(run())
-    assert [r.status_code for r in many] == [200] * 1000
-    assert all(r.json()["text"] == f"prompt number {i}: compute {i} * {i}"[:32] for i, r in enumerate(many))
-    spread = Counter(r.headers["x-slime-worker"] for r in many)
+    prompts = [f"prompt number {i}: compute {i} * {i}" for i in range(1000)]
+    bodies = [{"text": prompt, "sampling_params": {"max_new_tokens": 32}} for prompt in prompts]
+    many = asyncio.run(post_many(f"{router.url}/generate", bodies))
+    assert [answer.status for answer in many] == [200] * 1000
+    assert [answer.body["text"] for answer in many] == [prompt[:32] for prompt in prompts]
+    spread = Counter(answer.headers["x-slime-worker"] for answer in many)
     assert set(spread) == {u.url for u in upstreams}
-    assert len({r.headers["x-slime-worker"] for r in group}) == 1
+
+    group_prompt = {
+        "text": "one GRPO group, one prompt: 12 * 12 = ?",
+        "sampling_params": {"max_new_tokens": 8},
+    }
+    group = asyncio.run(post_many(f"{router.url}/generate", [group_prompt] * 8))
+    assert len({answer.headers["x-slime-worker"] for answer in group}) == 1
 
 
 def test_abort_fans_out_to_every_worker(start_router, echo_upstreams) -> None:
@@ -282,15 +282,16 @@ def test_middlewares_are_built_with_the_router_and_wrap_every_request(start_rout
     assert router.router.stamped == 4
 
 
-def test_a_loading_engine_is_not_declared_dead_within_first_wait(start_router) -> None:
-    late = EchoProcess(startup_delay=1.5).spawn().wait_ready()
-    try:
-        router = start_router()
-        added = httpx.post(f"{router.url}/add_worker", params={"url": late.url}).json()
-        # Still loading: registered, not routable, not declared dead inside --rollout-health-check-first-wait.
-        assert added["state"] == "STARTING"
-        assert generate(router.url, "too early").status_code == 503
-        router.wait_state(late.url, "HEALTHY", timeout=5)
-        assert generate(router.url, "now", max_new_tokens=3).json()["text"] == "now"
-    finally:
-        late.stop()
+def test_a_loading_engine_is_not_declared_dead_within_first_wait(start_router, echo_upstreams) -> None:
+    (loading,) = echo_upstreams(1)
+    loading.control(health="fail")  # /health_generate answers 503, as an engine still loading its weights
+    router = start_router()
+    added = httpx.post(f"{router.url}/add_worker", params={"url": loading.url}).json()
+    assert added["state"] == "STARTING"
+    assert generate(router.url, "too early").status_code == 503
+    # Several failed probes (every 0.5 s), all inside --rollout-health-check-first-wait (3 s): not DEAD.
+    time.sleep(1.5)
+    assert router.workers()[loading.url]["state"] == "STARTING"
+    loading.control(health="ok")
+    router.wait_state(loading.url, "HEALTHY", timeout=5)
+    assert generate(router.url, "now", max_new_tokens=3).json()["text"] == "now"

@@ -27,7 +27,17 @@ class Counter:
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     save = tmp_path / "ckpt"
-    flags = ("--lr", "5e-3", "--global-batch-size", "4", "--micro-batch-size", "2", "--use-kl-loss", "--kl-loss-coef", "0.05")
+    flags = (
+        "--lr",
+        "5e-3",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--use-kl-loss",
+        "--kl-loss-coef",
+        "0.05",
+    )
     batches = [random_batch(8, seed=s) for s in range(3)]
 
     with TorchTrainer(trainer_args(tiny_model_dir, *flags, "--save", str(save))) as first:
@@ -63,7 +73,14 @@ def test_reference_model_from_a_checkpoint_step(tiny_model_dir, tmp_path):
         trainer.train_step(batch, rollout_id=1)
         trainer.save(1)
     args = trainer_args(
-        tiny_model_dir, "--use-kl-loss", "--kl-loss-coef", "0.1", "--ref-load", str(save), "--ref-ckpt-step", "0"
+        tiny_model_dir,
+        "--use-kl-loss",
+        "--kl-loss-coef",
+        "0.1",
+        "--ref-load",
+        str(save),
+        "--ref-ckpt-step",
+        "0",
     )
     with TorchTrainer(args) as trainer:
         result = trainer.train_step(batch, rollout_id=0)
@@ -107,4 +124,7 @@ def test_sharded_export_writes_an_index(tiny_model_dir, tmp_path):
         max_shard_bytes=300,
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    assert index["weight_map"] == {
+        "a": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+    }

@@ -252,14 +252,28 @@ def _file_system_sharing() -> Iterator[None]:
         torch_mp.set_sharing_strategy(previous)
 
 
-def flatten_by_dtype(bucket: NamedTensors, device: torch.device) -> tuple[list[torch.Tensor], NamedTensors]:
-    """Copy a bucket into one contiguous buffer per dtype; returns the buffers and the named views into them."""
+def flatten_by_dtype(
+    bucket: NamedTensors, device: torch.device, buffers: dict[torch.dtype, torch.Tensor] | None = None
+) -> tuple[list[torch.Tensor], NamedTensors]:
+    """Copy a bucket into one contiguous buffer per dtype; returns the buffers used and the named views into them.
+
+    ``buffers`` (dtype → 1-D tensor) are reused when large enough and replaced otherwise, so repeated pushes
+    write into the same memory: the engine keeps its mapping of it, and nothing is allocated or faulted in again.
+    """
+    buffers = {} if buffers is None else buffers
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in bucket:
         by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
-    buffers, views = [], []
+    used, views = [], []
     for dtype, items in by_dtype.items():
-        buffer = torch.empty(sum(t.numel() for _, t in items), dtype=dtype, device=device)
+        numel = sum(t.numel() for _, t in items)
+        buffer = buffers.get(dtype)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            if device.type == "cpu":
+                with _file_system_sharing():
+                    buffer.share_memory_()
+            buffers[dtype] = buffer
         offset = 0
         for name, tensor in items:
             n = tensor.numel()
@@ -267,8 +281,8 @@ def flatten_by_dtype(bucket: NamedTensors, device: torch.device) -> tuple[list[t
             view.copy_(tensor)
             views.append((name, view))
             offset += n
-        buffers.append(buffer)
-    return buffers, views
+        used.append(buffer)
+    return used, views
 
 
 def serialize_named_tensors(named: NamedTensors) -> str:
@@ -289,11 +303,12 @@ class TensorSender(WeightSender):
         super().__init__(engines)
         self.device = device
         self.tp_size = tp_size
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def send(self, bucket: NamedTensors) -> None:
         if not self.engines:
             return
-        buffers, views = flatten_by_dtype(bucket, self.device)
+        buffers, views = flatten_by_dtype(bucket, self.device, self._buffers)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         payload = serialize_named_tensors(views)
@@ -307,9 +322,12 @@ class TensorSender(WeightSender):
                     weight_version=self.version,
                 )
             )
-        # The buffers stay alive until every engine has answered, i.e. has copied the weights in.
-        self.bytes_sent += sum(b.numel() * b.element_size() for b in buffers)
-        del buffers, views
+        # The buffers are only rewritten after every engine has answered, i.e. has copied the weights in.
+        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in views)
+
+    def close(self) -> None:
+        self._buffers.clear()
+        super().close()
 
 
 class DiskSender(WeightSender):

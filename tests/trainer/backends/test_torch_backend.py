@@ -19,8 +19,12 @@ def hf_log_probs(model_dir, batch, temperature: float) -> list[torch.Tensor]:
     with torch.no_grad():
         for tokens, response in zip(batch.tokens, batch.response_lengths, strict=True):
             ids = torch.tensor([tokens])
-            logits = model(input_ids=ids, position_ids=torch.arange(len(tokens)).unsqueeze(0), use_cache=False).logits[0]
-            logp = torch.log_softmax(logits[len(tokens) - response - 1 : len(tokens) - 1].float() / temperature, -1)
+            logits = model(
+                input_ids=ids, position_ids=torch.arange(len(tokens)).unsqueeze(0), use_cache=False
+            ).logits[0]
+            logp = torch.log_softmax(
+                logits[len(tokens) - response - 1 : len(tokens) - 1].float() / temperature, -1
+            )
             out.append(logp.gather(-1, ids[0, len(tokens) - response :].unsqueeze(-1)).squeeze(-1))
     return out
 
@@ -67,7 +71,9 @@ def test_packed_log_probs_match_single_sequences_and_true_on_policy_is_bitwise(t
         packed = trainer.compute_log_probs(batch)
     for got, want in zip(packed, expected, strict=True):
         assert torch.allclose(torch.tensor(got), want, atol=1e-5)
-    exact_args = trainer_args(tiny_model_dir, "--true-on-policy-mode", "--micro-batch-size", "4", "--rollout-temperature", "0.7")
+    exact_args = trainer_args(
+        tiny_model_dir, "--true-on-policy-mode", "--micro-batch-size", "4", "--rollout-temperature", "0.7"
+    )
     with TorchTrainer(exact_args) as trainer:
         exact = trainer.compute_log_probs(batch)
     for got, want in zip(exact, expected, strict=True):
@@ -146,3 +152,61 @@ def test_a_rollout_must_fill_whole_global_batches(tiny_model_dir):
     args = trainer_args(tiny_model_dir, "--global-batch-size", "4")
     with TorchTrainer(args) as trainer, pytest.raises(ValueError, match="--global-batch-size 4"):
         trainer.train_step(random_batch(6), rollout_id=0)
+
+
+def test_custom_loss_is_called_with_slimes_signature(tiny_model_dir):
+    batch = random_batch(8, seed=9)
+    flags = (
+        "--disable-compute-advantages-and-returns",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "4",
+    )
+    with TorchTrainer(trainer_args(tiny_model_dir, "--loss-type", "sft_loss", *flags)) as trainer:
+        sft = trainer.train_step(batch, rollout_id=0).steps
+    custom_flags = (
+        "--loss-type",
+        "custom_loss",
+        "--custom-loss-function-path",
+        "tests.trainer.backends.plugins.nll_loss",
+    )
+    with TorchTrainer(trainer_args(tiny_model_dir, *custom_flags, *flags)) as trainer:
+        custom = trainer.train_step(batch, rollout_id=0).steps
+    assert [s["custom_nll"] for s in custom] == pytest.approx([s["loss"] for s in sft], rel=1e-6)
+    assert custom[1]["grad_norm"] == pytest.approx(sft[1]["grad_norm"], rel=1e-5)
+
+
+def test_custom_tis_function_weights_the_policy_loss(tiny_model_dir):
+    batch = random_batch(8, seed=10)
+    flags = ("--global-batch-size", "8", "--micro-batch-size", "8")
+    with TorchTrainer(trainer_args(tiny_model_dir, *flags)) as trainer:
+        batch.rollout_log_probs = trainer.compute_log_probs(batch)
+        plain = trainer.train_step(batch, rollout_id=0).steps[0]
+    tis = ("--use-tis", "--custom-tis-function-path", "tests.trainer.backends.plugins.half_weights")
+    with TorchTrainer(trainer_args(tiny_model_dir, *flags, *tis)) as trainer:
+        halved = trainer.train_step(batch, rollout_id=0).steps[0]
+    assert halved["pg_loss"] == pytest.approx(plain["pg_loss"] / 2, rel=1e-6)
+    assert halved["custom_tis"] == pytest.approx(0.5)
+
+
+def test_keep_old_actor_computes_the_ratio_against_the_generating_policy(tiny_model_dir):
+    batch = random_batch(8, seed=12)
+    flags = ("--lr", "1e-2", "--global-batch-size", "8")
+    with TorchTrainer(trainer_args(tiny_model_dir, *flags, "--keep-old-actor")) as trainer:
+        first = trainer.train_step(batch, rollout_id=0)
+        second = trainer.train_step(batch, rollout_id=1)
+    # No push happened, so the behaviour policy is still the initial one.
+    assert second.rollout["log_probs"] == first.rollout["log_probs"]
+    assert second.steps[0]["ppo_kl"] != 0.0
+
+
+def test_ref_update_interval_moves_the_reference_to_the_actor(tiny_model_dir):
+    batch = random_batch(8, seed=13)
+    flags = ("--lr", "1e-2", "--global-batch-size", "8", "--use-kl-loss", "--kl-loss-coef", "0.1")
+    with TorchTrainer(trainer_args(tiny_model_dir, *flags, "--ref-update-interval", "1")) as trainer:
+        trainer.train_step(batch, rollout_id=0)
+        assert trainer.train_step(batch, rollout_id=1).steps[0]["kl_loss"] == 0.0
+    with TorchTrainer(trainer_args(tiny_model_dir, *flags)) as trainer:
+        trainer.train_step(batch, rollout_id=0)
+        assert trainer.train_step(batch, rollout_id=1).steps[0]["kl_loss"] > 0.0

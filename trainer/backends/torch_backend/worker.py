@@ -736,7 +736,12 @@ class TrainWorker:
     def push_weights(self, request: WeightPushRequest) -> WeightPushReport | None:
         """Gather the full weights bucket by bucket (every rank takes part) and send them; rank 0's report."""
         params = dict(model_lib.named_parameters(self.model))
-        sizes = [(name, p.numel() * p.element_size()) for name, p in params.items()]
+        # Engines serve in the compute dtype, so bf16 training sends half the bytes of its fp32 master weights.
+        dtype = self.compute_dtype
+        sizes = [
+            (name, p.numel() * (p.element_size() if dtype is None else dtype.itemsize))
+            for name, p in params.items()
+        ]
         buckets = plan_buckets(sizes, self.args.update_weight_buffer_size)
         sender = self._sender(request, buckets)
         start = time.perf_counter()
@@ -744,6 +749,8 @@ class TrainWorker:
             sender.begin(request.version)
         for names in buckets:
             bucket = [(name, model_lib.full_tensor(params[name].detach())) for name in names]
+            if dtype is not None:
+                bucket = [(name, tensor.to(dtype)) for name, tensor in bucket]
             if sender is not None:
                 sender.send(bucket)
         if sender is not None:

@@ -1,0 +1,152 @@
+"""Weight sync against a real rollout-engine server and router on loopback: after each transport the engine's
+log-probs for a sampled sequence equal the trainer's, and the router holds the published version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+
+from services.core.net import free_port, wait_http_ok
+from tests.trainer.helpers import random_batch, trainer_args
+from trainer.backends.batch import RolloutBatch
+from trainer.backends.torch_backend import TorchTrainer
+from trainer.weight_sync.transports import plan_buckets
+
+PROMPTS = ([5, 17, 33, 2, 9], [100, 4, 8, 61])
+
+
+def _serve(argv: list[str], health_url: str) -> subprocess.Popen:
+    proc = subprocess.Popen(argv)
+    try:
+        wait_http_ok(health_url, timeout=180)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def engine_url(tiny_model_dir) -> Iterator[str]:
+    port = free_port()
+    proc = _serve(
+        [
+            sys.executable,
+            "-m",
+            "services.rollout_engine.server",
+            "--hf-checkpoint",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--num-threads",
+            "1",
+            "--engine-backend",
+            "builtin",
+        ],
+        f"http://127.0.0.1:{port}/health",
+    )
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def router_url(engine_url) -> Iterator[str]:
+    port = free_port()
+    code = "import sys; from router.server import main; sys.exit(main(sys.argv[1:]))"
+    proc = _serve([sys.executable, "-c", code, "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    httpx.post(
+        f"http://127.0.0.1:{port}/add_worker", params={"url": engine_url}, timeout=30
+    ).raise_for_status()
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir) -> Iterator[TorchTrainer]:
+    args = trainer_args(
+        tiny_model_dir, "--lr", "5e-2", "--lr-decay-style", "constant", "--update-weight-buffer-size", "20000"
+    )
+    with TorchTrainer(args) as t:
+        yield t
+
+
+def engine_rollout(url: str) -> RolloutBatch:
+    """Sample a continuation of each prompt and keep the engine's log-probs of the sampled tokens."""
+    tokens, lengths, log_probs = [], [], []
+    for prompt in PROMPTS:
+        body = {
+            "input_ids": prompt,
+            "sampling_params": {"temperature": 1.0, "max_new_tokens": 6, "ignore_eos": True},
+            "return_logprob": True,
+        }
+        out = httpx.post(f"{url}/generate", json=body, timeout=60).json()["meta_info"][
+            "output_token_logprobs"
+        ]
+        tokens.append(prompt + [tok for _, tok, *_ in out])
+        lengths.append(len(out))
+        log_probs.append([lp for lp, *_ in out])
+    return RolloutBatch(
+        tokens=tokens,
+        response_lengths=lengths,
+        rewards=[0.0] * len(tokens),
+        loss_masks=[[1] * n for n in lengths],
+        rollout_log_probs=log_probs,
+    )
+
+
+def max_gap(trainer: TorchTrainer, batch: RolloutBatch) -> float:
+    ours = trainer.compute_log_probs(batch)
+    return max(
+        abs(a - b)
+        for mine, theirs in zip(ours, batch.rollout_log_probs, strict=True)
+        for a, b in zip(mine, theirs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("transport", ["distributed", "tensor", "disk", "distributed"])
+def test_engine_serves_the_trainer_weights_after_each_transport(
+    trainer, engine_url, router_url, transport, tmp_path
+):
+    trainer.train_step(random_batch(8, seed=len(transport)), rollout_id=trainer.weight_version)
+    assert max_gap(trainer, engine_rollout(engine_url)) > 1e-3, "training should have moved the policy"
+
+    report = trainer.update_weights(
+        [engine_url], transport=transport, disk_dir=str(tmp_path), router_url=router_url
+    )
+
+    assert max_gap(trainer, engine_rollout(engine_url)) < 1e-5
+    version = httpx.get(f"{engine_url}/get_weight_version", timeout=10).json()["weight_version"]
+    assert str(version) == report.version == str(trainer.weight_version)
+    assert httpx.get(f"{router_url}/workers", timeout=10).json()["weight_version"] == report.version
+    assert report.bytes == 4 * sum(p.numel() for p in _parameters(trainer))
+    assert report.buckets > 1 and report.push_seconds > 0
+
+
+def _parameters(trainer: TorchTrainer) -> list[torch.Tensor]:
+    return list(trainer.actor._local.model.parameters())
+
+
+def test_buckets_respect_the_buffer_size():
+    assert plan_buckets([("a", 6), ("b", 6), ("c", 20), ("d", 1)], 12) == [["a", "b"], ["c"], ["d"]]
+    with pytest.raises(ValueError, match="--update-weight-buffer-size"):
+        plan_buckets([("a", 1)], 0)
+
+
+def test_an_unreachable_engine_fails_with_its_url(trainer):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match=dead):
+        trainer.update_weights([dead], transport="tensor")
