@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -62,8 +63,16 @@ def test_serves_the_workers_it_was_given_and_stops_on_sigterm(echo_upstreams, re
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(flags: list[str], flag: str, capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        main([*flags, "--port", str(free_port())])
+    # main() sets up logging on the captured stderr; the handlers go back afterwards, so that later tests do not
+    # log into a closed stream.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*flags, "--port", str(free_port())])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
 
