@@ -1,8 +1,8 @@
 """CUDA graphs for the decode step: on a GPU a small model's decode step is dominated by kernel launches.
 
 One graph per (batch bucket, cached-length bucket), captured the first time that shape is needed. Inputs go
-through static buffers; padded rows use free KV slots (slots past the running batch hold no live data, since
-prompts are prefilled into per-sequence staging buffers) and attend to position 0 only.
+through static buffers; padded rows use free KV slots (in a decode-only step, slots past the running batch hold
+no live data) and attend to position 0 only.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The built-in engine's transformer: Llama-family decoders (Llama, Qwen2, Qwen3) with fused projections.
 
 The forward pass works on a flat list of tokens from many sequences at once: decode tokens of the running batch
-(one per KV-cache slot, attended against the slot cache) and prefill chunks (attended against a per-sequence
-staging cache). Parameters keep Hugging Face's numerics (RMSNorm in fp32, rotate-half RoPE, SiLU-gated MLP) so
-that log-probs match a Hugging Face forward of the same checkpoint.
+(one per KV-cache slot, attended against the slot cache) and prefill chunks (whole prompts written into their
+slot, or chunks of long prompts into a per-sequence staging cache). Parameters keep Hugging Face's numerics
+(RMSNorm in fp32, rotate-half RoPE, SiLU-gated MLP) so that log-probs match a Hugging Face forward of the same
+checkpoint.
 """
 
 from __future__ import annotations
@@ -158,12 +159,15 @@ class ParamTarget:
 
 @dataclass
 class PrefillSegment:
-    """One chunk of one sequence's prompt: tokens ``[start, start + length)`` of it, staged in ``stage``."""
+    """One chunk of one sequence's prompt: tokens ``[start, start + length)`` of it. A prompt prefilled whole in
+    one iteration writes straight into the KV-cache ``slot`` it will decode from; a chunked one goes through its
+    ``stage`` buffer."""
 
     token_offset: int
     length: int
     start: int
-    stage: StageCache
+    stage: StageCache | None = None
+    slot: int | None = None
 
 
 class StageCache:
@@ -218,6 +222,24 @@ class KVCache:
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # torch's rms_norm computes in fp32 and multiplies by the weight after casting back, as Hugging Face does.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _direct_groups(segments: list[PrefillSegment]) -> list[list[PrefillSegment]]:
+    """Split whole-prompt segments into runs that are adjacent in the token list and in the KV slots and share
+    a length, so each run is one batched attention call."""
+    groups: list[list[PrefillSegment]] = []
+    for seg in segments:
+        last = groups[-1][-1] if groups else None
+        if (
+            last is not None
+            and seg.length == last.length
+            and seg.slot == last.slot + 1
+            and seg.token_offset == last.token_offset + last.length
+        ):
+            groups[-1].append(seg)
+        else:
+            groups.append([seg])
+    return groups
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -333,6 +355,8 @@ class CausalLM:
             mask = (
                 batch.decode_mask.unsqueeze(1).expand(nd, kv_heads, length).reshape(nd * kv_heads, 1, length)
             )
+        staged = [seg for seg in batch.segments if seg.slot is None]
+        groups = _direct_groups([seg for seg in batch.segments if seg.slot is not None])
         h = _rms_norm(x, self.layers[0].input_norm, cfg.rms_norm_eps) if self.layers else x
         for li, layer in enumerate(self.layers):
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)
@@ -355,7 +379,9 @@ class CausalLM:
                 self._decode_attention(
                     q[:nd], kv.k[li, :nd, :, :length], kv.v[li, :nd, :, :length], mask, attn[:nd]
                 )
-            for seg in batch.segments:
+            for group in groups:
+                self._prefill_group(group, q, k, v, kv, li, attn)
+            for seg in staged:
                 lo, hi = seg.token_offset, seg.token_offset + seg.length
                 end = seg.start + seg.length
                 seg.stage.k[li, :, seg.start : end] = k[lo:hi].transpose(0, 1)
@@ -393,6 +419,30 @@ class CausalLM:
             scores = torch.baddbmm(mask, qg.float(), keys.float(), alpha=self.scale)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         torch.bmm(probs, v.reshape(b * kvh, length, d), out=out.view(b * kvh, group, d))
+
+    def _prefill_group(
+        self,
+        group: list[PrefillSegment],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv: KVCache,
+        li: int,
+        attn: torch.Tensor,
+    ) -> None:
+        """Whole prompts of equal length in consecutive slots: one cache write and one causal attention call for
+        all of them (the copies of a prompt in a GRPO group are such a run)."""
+        n, c = len(group), group[0].length
+        lo, hi = group[0].token_offset, group[-1].token_offset + c
+        first = group[0].slot
+        shape = (n, c, -1, self.cfg.head_dim)
+        kh = k[lo:hi].reshape(shape).transpose(1, 2)
+        vh = v[lo:hi].reshape(shape).transpose(1, 2)
+        kv.k[li, first : first + n, :, :c] = kh
+        kv.v[li, first : first + n, :, :c] = vh
+        qh = q[lo:hi].reshape(shape).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        attn[lo:hi] = out.transpose(1, 2).reshape(hi - lo, -1, self.cfg.head_dim)
 
     def _prefill_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int

@@ -350,8 +350,9 @@ class Scheduler:
                 seq.num_computed = len(seq.all_ids)
                 self._finish(seq, {"type": "length", "length": 0})
                 continue
-            self.kv.store_stage(len(self.running), seq.stage, len(seq.all_ids))
-            seq.stage = None
+            if seq.stage is not None:
+                self.kv.store_stage(len(self.running), seq.stage, len(seq.all_ids))
+                seq.stage = None
             seq.want_input_logprobs = False
             seq.num_computed = len(seq.all_ids)
             self.running.append(seq)
@@ -398,9 +399,7 @@ class Scheduler:
         while self.waiting and len(self.running) + len(self.prefilling) < self.limits.max_running_requests:
             if sum(len(s.all_ids) - s.num_computed for s in self.prefilling) >= budget:
                 break
-            seq = self.waiting.popleft()
-            seq.stage = StageCache(self.model.cfg, len(seq.all_ids), self.model.dtype, self.model.device)
-            self.prefilling.append(seq)
+            self.prefilling.append(self.waiting.popleft())
         segments: list[tuple[Sequence, int, int]] = []
         completing: list[Sequence] = []
         for seq in self.prefilling:
@@ -412,6 +411,9 @@ class Scheduler:
             budget -= length
             if length == remaining:
                 completing.append(seq)
+            elif seq.stage is None:
+                # Only a prompt that takes several iterations needs a staging buffer.
+                seq.stage = StageCache(self.model.cfg, len(seq.all_ids), self.model.dtype, self.model.device)
         return segments, completing
 
     def _build_batch(
@@ -424,13 +426,21 @@ class Scheduler:
         if decode:
             batch.decode_len = max(positions) + 1
         logit_rows = list(range(len(decode)))
+        # Completing prompts join the running batch in order, in the slots after the decode rows.
+        next_slot = len(decode)
         tail_rows: list[int] = []
         input_lp_rows: dict[str, tuple[int, int, int]] = {}
         for seq, start, length in segments:
             offset = len(ids)
             ids.extend(seq.all_ids[start : start + length])
             positions.extend(range(start, start + length))
-            batch.segments.append(PrefillSegment(offset, length, start, seq.stage))
+            if seq.stage is None:
+                # Whole in this iteration: straight into the slot it joins the running batch in.
+                batch.segments.append(PrefillSegment(offset, length, start, slot=next_slot))
+            else:
+                batch.segments.append(PrefillSegment(offset, length, start, stage=seq.stage))
+            if start + length == len(seq.all_ids):
+                next_slot += 1
             seq.num_computed = start + length
             if seq.want_input_logprobs:
                 # Logits at prompt position p score token p + 1; rows for this chunk are appended after the tails.

@@ -114,8 +114,10 @@ def tokenizer(tiny_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
-    """One built-in engine server shared by the generation tests."""
-    with engine_process(tiny_model_dir, tmp_path_factory.mktemp("engine-logs")) as proc:
+    """One built-in engine server shared by the generation tests. Its small prefill chunk makes longer prompts
+    (and bursts of requests) take several scheduler iterations, so chunked prefill is exercised too."""
+    logs = tmp_path_factory.mktemp("engine-logs")
+    with engine_process(tiny_model_dir, logs, "--sglang-chunked-prefill-size", "64") as proc:
         yield proc
 
 

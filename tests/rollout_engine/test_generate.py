@@ -74,6 +74,37 @@ def test_logprobs_equal_a_teacher_forced_forward(engine, reference, teacher_forc
         assert int(ranks.max()) < sampling["top_k"]
 
 
+def test_long_chunked_prompt_and_a_group_of_identical_prompts(engine, reference, teacher_forced) -> None:
+    long_prompt = [(7 * i) % 400 + 3 for i in range(300)]  # five prefill chunks of 64 tokens
+    jobs = [(long_prompt, 0)] + [([9, 8, 7, 6, 5], seed) for seed in range(8)]
+
+    def run(job: tuple) -> dict:
+        prompt, seed = job
+        with engine.client() as client:
+            return _generate(
+                client,
+                input_ids=prompt,
+                sampling_params={"max_new_tokens": 16, "ignore_eos": True, "sampling_seed": seed},
+                return_logprob=True,
+                logprob_start_len=0,
+            )
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        outs = list(pool.map(run, jobs))
+    for (prompt, _), out in zip(jobs, outs, strict=True):
+        got = torch.tensor([e[0] for e in out["meta_info"]["output_token_logprobs"]])
+        assert torch.allclose(got, teacher_forced(reference, prompt, out["output_ids"], 1.0), atol=1e-4)
+    inputs = outs[0]["meta_info"]["input_token_logprobs"]
+    assert [e[1] for e in inputs] == long_prompt
+    with torch.no_grad():
+        logits = reference(torch.tensor([long_prompt])).logits[0, :-1]
+    expected = (
+        torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(long_prompt[1:]).unsqueeze(1)).squeeze(1)
+    )
+    assert torch.allclose(torch.tensor([e[0] for e in inputs[1:]]), expected, atol=1e-4)
+    assert len({tuple(o["output_ids"]) for o in outs[1:]}) > 1  # the copies sampled with their own seeds
+
+
 def test_same_seed_same_output_other_seed_other_output(engine) -> None:
     body = {"input_ids": [7, 8, 9], "return_logprob": True}
     with engine.client() as client:
