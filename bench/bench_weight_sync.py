@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close()
         for proc, _ in engines.values():
             proc.terminate()
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"\nweight sync, preset {opts.preset}, {device}, payload dtype {dtype}")

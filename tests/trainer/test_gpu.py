@@ -63,7 +63,7 @@ def _engine(model_dir, gpu: int) -> tuple[subprocess.Popen, str]:
     argv = [
         sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(model_dir), "--port",
         str(port), "--engine-backend", "builtin", "--engine-device", "cuda", "--engine-dtype", "float32",
-        "--kv-cache-memory-gb", "1",
+        "--kv-cache-memory-gb", "1", "--sglang-disable-cuda-graph",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, env=env)
     wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=300)
@@ -78,7 +78,11 @@ def engines(tiny_model_dir) -> Iterator[dict[str, str]]:
     yield {"colocated": started[0][1], "remote": started[-1][1]}
     for proc, _ in started:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _gap(trainer: TorchTrainer, url: str) -> float:

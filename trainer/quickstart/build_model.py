@@ -24,7 +24,14 @@ from trainer.quickstart.task import QUICKSTART, Problem, TaskSpec, prompt_rows, 
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
-SYSTEM_PROMPT = "You are a helpful assistant."
+# Qwen's ChatML template as Qwen3 writes it for a conversation without tools: no default system prompt, which
+# would otherwise be most of every prompt's tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 # Completions are "\boxed{N}" and an end-of-turn token: a few tokens; eval and RL allow some slack.
 MAX_RESPONSE_TOKENS = 12
 
@@ -56,9 +63,18 @@ class SftRecipe:
 
 def tokenizer_corpus(problems: Sequence[Problem]) -> list[str]:
     """Text shaped like the chat-formatted conversations, so the BPE learns the task's frequent pieces."""
-    return [
-        f"system\n{SYSTEM_PROMPT}\nuser\n{p.prompt}\nassistant\n{p.completion}\n" for p in problems[:2000]
-    ]
+    return [f"user\n{p.prompt}\nassistant\n{p.completion}\n" for p in problems[:2000]]
+
+
+def set_chat_template(model_dir: Path, template: str = CHAT_TEMPLATE) -> None:
+    """Replace the template ``build_tiny_model`` wrote, in both places transformers reads it from."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        jinja.write_text(template)
 
 
 def sft_argv(model_dir: Path, data: Path, out_dir: Path, export_dir: Path, sft: SftRecipe) -> list[str]:
@@ -168,6 +184,7 @@ def build(
             corpus=tokenizer_corpus(train),
             vocab_size=model.vocab_size,
         )
+        set_chat_template(init)
         export = work / "export"
         start = time.perf_counter()
         status = train_main(sft_argv(init, sft_data, work / "sft", export, sft), "sync")

@@ -74,10 +74,11 @@ class EngineClient:
         self._request("GET", "/flush_cache")
 
     def get_weight_version(self) -> str | None:
+        """The version the engine serves (SGLang answers ``{"weight_version": ...}``), None if it has none."""
         body = self._request("GET", "/get_weight_version")
-        return (
-            None if body is None else str(body.get("weight_version")) if isinstance(body, dict) else str(body)
-        )
+        if isinstance(body, dict) and body.get("weight_version") is not None:
+            return str(body["weight_version"])
+        return None
 
     def update_weights_from_disk(
         self,

@@ -34,33 +34,43 @@ class WorkerGroup:
     """The ranks of the actor or the critic. ``call`` runs a ``TrainWorker`` method on every rank and returns
     the per-rank results in rank order."""
 
-    def __init__(self, args: Any, *, role: str, world_size: int) -> None:
+    def __init__(self, args: Any, *, role: str, world_size: int, gpu_offset: int = 0) -> None:
         self.role = role
         self.world_size = world_size
         self._local: TrainWorker | None = None
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
+        dist_init = DistInit(
+            master_addr="127.0.0.1",
+            master_port=free_port(),
+            timeout_minutes=args.distributed_timeout_minutes,
+            gpu_offset=gpu_offset,
+        )
         if world_size == 1:
-            self._local = TrainWorker(args, role=role, rank=0, world_size=1, dist_init=None)
+            self._local = TrainWorker(args, role=role, rank=0, world_size=1, dist_init=dist_init)
             return
         try:
-            self._spawn(args)
+            self._spawn(args, dist_init)
         except BaseException:
             self.close()
             raise
         logger.info("%s group: %d ranks started", role, world_size)
 
-    def _spawn(self, args: Any) -> None:
-        dist_init = DistInit(
-            master_addr="127.0.0.1", master_port=free_port(), timeout_minutes=args.distributed_timeout_minutes
-        )
+    def _spawn(self, args: Any, dist_init: DistInit) -> None:
         log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         for _ in range(self.world_size):
             ours, theirs = socket.socketpair()
             with theirs:
                 self._procs.append(
                     subprocess.Popen(
-                        wrap([sys.executable, "-m", "trainer.backends.torch_backend.rank", str(theirs.fileno())]),
+                        wrap(
+                            [
+                                sys.executable,
+                                "-m",
+                                "trainer.backends.torch_backend.rank",
+                                str(theirs.fileno()),
+                            ]
+                        ),
                         pass_fds=[theirs.fileno()],
                     )
                 )

@@ -16,12 +16,48 @@ from trainer.data_packing import PackedBatch
 
 logger = logging.getLogger(__name__)
 
+PACKED_ATTENTION = "slime_packed_sdpa"
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    packed_seq_bounds: tuple[int, ...] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over a packed row, one sequence at a time, each through transformers' own SDPA path as an
+    unmasked causal attention.
+
+    A single block-diagonal T×T mask would make attention quadratic in the whole row and keep SDPA off its
+    flash kernels; per sequence, the cost is Σ L_i² and every sequence gets exactly the computation of its
+    unpacked forward. ``packed_seq_bounds`` are the cumulative sequence offsets ``(0, L_0, L_0 + L_1, …)``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packed_seq_bounds is None or attention_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [
+        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
+        for s, e in zip(packed_seq_bounds[:-1], packed_seq_bounds[1:], strict=True)
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+
 
 def load_policy(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """``AutoModelForCausalLM`` from a Hugging Face directory, without dropout (RL log-probs must be reproducible)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    _register_attention()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
     return _prepare(model, device)
 
 
@@ -30,7 +66,10 @@ def load_critic(path: str, *, dtype: torch.dtype, device: torch.device) -> nn.Mo
     with one label), initialised from a causal-LM or token-classification directory."""
     from transformers import AutoModelForTokenClassification
 
-    model = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, num_labels=1)
+    _register_attention()
+    model = AutoModelForTokenClassification.from_pretrained(
+        path, dtype=dtype, num_labels=1, attn_implementation=PACKED_ATTENTION
+    )
     return _prepare(model, device)
 
 
@@ -73,7 +112,15 @@ def architecture_name(model: nn.Module) -> str:
 
 def forward_logits(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     """Logits ``[T, V]`` (or values ``[T, 1]``) of one packed row."""
-    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    bounds = [0]
+    for length in packed.total_lengths:
+        bounds.append(bounds[-1] + length)
+    out = model(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        use_cache=False,
+        packed_seq_bounds=tuple(bounds),
+    )
     return out.logits[0]
 
 

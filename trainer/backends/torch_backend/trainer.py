@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import torch
 
 from services.core.net import free_port
 from trainer import checkpoint
@@ -100,7 +101,13 @@ class TorchTrainer:
         self.critic: WorkerGroup | None = None
         try:
             if args.use_critic:
-                self.critic = WorkerGroup(args, role=CRITIC, world_size=args.critic_num_gpus_per_node)
+                # The critic gets the GPUs after the actor's when the host has enough (slime gives it its own),
+                # else it shares the actor's.
+                actor_gpus, critic_gpus = args.actor_num_gpus_per_node, args.critic_num_gpus_per_node
+                spare = torch.cuda.is_available() and torch.cuda.device_count() >= actor_gpus + critic_gpus
+                self.critic = WorkerGroup(
+                    args, role=CRITIC, world_size=critic_gpus, gpu_offset=actor_gpus if spare else 0
+                )
         except BaseException:
             self.actor.close()
             raise
@@ -237,8 +244,8 @@ class TorchTrainer:
         start = time.perf_counter()
         clients = [EngineClient(url, auth_token=self.args.auth_token) for url in engines]
         try:
-            _on_all(clients, "pause_generation")
             try:
+                _on_all(clients, "pause_generation")
                 report: WeightPushReport = self.actor.call(
                     "push_weights",
                     WeightPushRequest(
@@ -251,8 +258,12 @@ class TorchTrainer:
                     ),
                 )[0]
                 _on_all(clients, "flush_cache")
-            finally:
-                _on_all(clients, "continue_generation")
+            except BaseException:
+                # No engine may stay paused because another one failed; the first error is the one raised.
+                for error in _on_all(clients, "continue_generation", raise_errors=False):
+                    logger.warning("resuming generation after a failed weight sync: %s", error)
+                raise
+            _on_all(clients, "continue_generation")
         finally:
             for client in clients:
                 client.close()
@@ -302,10 +313,16 @@ def _merge(per_rank: list[dict[int, list[float]]], size: int) -> list[list[float
     return [merged[i] for i in range(size)]
 
 
-def _on_all(clients: Sequence[EngineClient], method: str) -> None:
+def _on_all(
+    clients: Sequence[EngineClient], method: str, *, raise_errors: bool = True
+) -> list[BaseException]:
+    """Call ``method`` on every engine at once; raise the first error, or return them all."""
     with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-        for future in [pool.submit(getattr(client, method)) for client in clients]:
-            future.result()
+        futures = [pool.submit(getattr(client, method)) for client in clients]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors and raise_errors:
+        raise errors[0]
+    return errors
 
 
 def publish_weight_version(router_url: str, version: str, *, auth_token: str | None = None) -> None:

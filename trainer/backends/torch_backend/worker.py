@@ -53,11 +53,12 @@ ACTOR, CRITIC = "actor", "critic"
 
 @dataclass(frozen=True)
 class DistInit:
-    """Where the ranks of one group meet (a TCP store hosted by rank 0)."""
+    """Where the ranks of one group meet (a TCP store hosted by rank 0), and the first GPU of the group."""
 
     master_addr: str
     master_port: int
     timeout_minutes: int = 10
+    gpu_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,6 @@ class WeightPushReport:
     bytes: int
     seconds: float
     buckets: int
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -108,9 +105,9 @@ class LocalRollout:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _pick_device(rank: int) -> torch.device:
+def _pick_device(gpu_index: int) -> torch.device:
     if torch.cuda.is_available():
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", gpu_index % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
@@ -130,7 +127,7 @@ class TrainWorker:
         self.role = role
         self.rank = rank
         self.world_size = world_size
-        self.device = _pick_device(rank)
+        self.device = _pick_device(rank + (dist_init.gpu_offset if dist_init is not None else 0))
         self.group: dist.ProcessGroup | None = None
         if world_size > 1:
             if dist_init is None:
@@ -621,9 +618,6 @@ class TrainWorker:
                 "rollout %d: reference model <- actor (--ref-update-interval %d)", rollout_id, interval
             )
             self.stores["ref"].update_from(self.model)
-
-    def get_lr(self) -> float:
-        return self.schedule.lr
 
     def parameter_checksum(self) -> list[float]:
         """Sum and sum of squares of every parameter (float64), identical on every rank; for tests and sanity."""
