@@ -424,8 +424,11 @@ class RLRun:
         if self.addresses is None or self.args.debug_rollout_only:
             return {}
         engines = self._heal_engines()
+        transport = self.args.weight_sync_transport
         report = self.trainer.update_weights(
             engines,
+            transport=None if transport == "auto" else transport,
+            disk_dir=self.args.weight_sync_dir,
             router_url=self.addresses.router_url,
             reconnect=self.engines_needing_sync,
         )

@@ -348,6 +348,10 @@ def validate_service_args(parser: argparse.ArgumentParser, args: argparse.Namesp
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             parser.error(f"--reward-grpc-addr {addr!r} is not host:port (port 1-65535)")
+    if getattr(args, "weight_sync_transport", None) == "disk" and not getattr(args, "weight_sync_dir", None):
+        parser.error(
+            "--weight-sync-transport disk needs --weight-sync-dir (a directory every engine can read)"
+        )
     port_value = getattr(args, "port", None)
     if port_value is not None and not 0 <= port_value < 65536:
         parser.error(f"--port must be in 0-65535 (0: any free port), got {port_value}")

@@ -1432,6 +1432,20 @@ def _add_service(group: argparse._ArgumentGroup) -> None:
         help="Where a run writes metrics, service logs and summaries (default: outputs/<run-id>).",
     )
     group.add_argument(
+        "--weight-sync-transport",
+        type=str,
+        default="auto",
+        choices=["auto", "distributed", "tensor", "disk"],
+        help="How the trainer pushes weights to engines: a torch.distributed group (nccl/gloo), same-host tensor "
+        "handles (CUDA IPC / shared memory), or a shared directory; auto = tensor with --colocate, else distributed.",
+    )
+    group.add_argument(
+        "--weight-sync-dir",
+        type=str,
+        default=None,
+        help="Directory the trainer and every engine can read, for --weight-sync-transport disk.",
+    )
+    group.add_argument(
         "--save-hf",
         type=str,
         default=None,

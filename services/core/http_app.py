@@ -94,13 +94,17 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
     kind = "client_error" if exc.status < 500 else "server_error"
     return JSONResponse(
-        error_body(kind, exc.message, exc.field, _request_id(request)), status_code=exc.status, headers=exc.headers
+        error_body(kind, exc.message, exc.field, _request_id(request)),
+        status_code=exc.status,
+        headers=exc.headers,
     )
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+    kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     return JSONResponse(
         error_body(kind, detail, getattr(exc, "field", None), _request_id(request)),
         status_code=exc.status_code,
@@ -111,7 +115,8 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
 async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(
-        error_body("internal_error", f"{type(exc).__name__}: {exc}", None, _request_id(request)), status_code=500
+        error_body("internal_error", f"{type(exc).__name__}: {exc}", None, _request_id(request)),
+        status_code=500,
     )
 
 
@@ -150,7 +155,9 @@ class ServiceMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
                 route = scope.get("route")
                 route_name = getattr(route, "path", None) or "unmatched"
-                HTTP_LATENCY.labels(self.service, scope["method"], route_name).observe(time.perf_counter() - start)
+                HTTP_LATENCY.labels(self.service, scope["method"], route_name).observe(
+                    time.perf_counter() - start
+                )
                 HTTP_REQUESTS.labels(self.service, scope["method"], route_name, str(message["status"])).inc()
             await send(message)
 
@@ -167,7 +174,9 @@ class ServiceMiddleware:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.auth_token):
                 message = "missing bearer token" if not auth else "invalid bearer token"
                 return JSONResponse(
-                    error_body("unauthorized", f"{message}: send 'Authorization: Bearer <token>'", None, request_id),
+                    error_body(
+                        "unauthorized", f"{message}: send 'Authorization: Bearer <token>'", None, request_id
+                    ),
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer"},
                 )
