@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from services.core.process_group import init_weight_update_group
 from services.core.wire import SamplingParams
 from services.rollout_engine import metrics
 from services.rollout_engine.model import CausalLM, KVCache, ModelConfig
@@ -31,7 +32,6 @@ from services.rollout_engine.weight_loader import (
 )
 from services.rollout_engine.weight_transport import (
     deserialize_named_tensors,
-    init_weight_update_group,
     parse_dtype,
     receive_broadcasts,
 )

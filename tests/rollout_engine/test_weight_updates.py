@@ -15,8 +15,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from services.core.net import free_port
+from services.core.process_group import init_weight_update_group
 from services.core.tiny_model import build_tiny_model
-from services.rollout_engine.weight_transport import flatten_bucket, init_weight_update_group, serialize
+from services.rollout_engine.weight_transport import flatten_bucket, serialize
 
 PROMPTS = [[5, 17, 99, 230], [41, 8]]
 

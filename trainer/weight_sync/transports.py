@@ -22,7 +22,6 @@ import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
+from services.core.process_group import init_weight_update_group
 from trainer.weight_sync.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
@@ -103,47 +103,6 @@ def local_address_towards(url: str) -> str:
         # A UDP "connect" only picks the outgoing interface; nothing is sent.
         probe.connect((host, 9))
         return probe.getsockname()[0]
-
-
-def init_weight_update_group(
-    *,
-    master_address: str,
-    master_port: int,
-    rank: int,
-    world_size: int,
-    group_name: str,
-    backend: str,
-    timeout_s: float,
-) -> dist.ProcessGroup:
-    """A process group outside the default world, created the way SGLang's engines create their side of it
-    (TCP rendezvous at ``master_address:master_port`` where rank 0 hosts the store, keys prefixed by
-    ``group_name``), so the trainer and SGLang or built-in engines meet in the same group."""
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-        rendezvous,
-    )
-
-    timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
-    store.set_timeout(timeout)
-    store = PrefixStore(group_name, store)
-    group, _ = _new_process_group_helper(
-        world_size,
-        rank,
-        [],
-        Backend(backend),
-        store,
-        group_name=group_name,
-        backend_options=None,
-        timeout=timeout,
-    )
-    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
-    return group
 
 
 class DistributedSender(WeightSender):
