@@ -89,6 +89,8 @@ class RLRun:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(args.hf_checkpoint)
+        if args.dump_details:
+            self.tokenizer.save_pretrained(Path(args.dump_details) / "tokenizer")
         self.data_source = self._data_source()
         if args.num_rollout is None:
             args.num_rollout = args.num_epoch * self.data_source.epoch_length(args.rollout_batch_size)
@@ -283,7 +285,7 @@ class RLRun:
             path = args.load_debug_rollout_data.format(rollout_id=rollout_id)
             payload = torch.load(path, weights_only=False)
             samples = [Sample.from_dict(d) for d in payload["samples"]]
-            return samples, {}
+            return samples, self._rollout_metrics(samples, time.perf_counter() - start)
         if self.mode != ASYNC and self.args.use_fault_tolerance and self._engines_down():
             self._push_weights()
         output = call_rollout_fn(self.rollout_fn, args, rollout_id, self.data_source, evaluation=False)
@@ -339,6 +341,31 @@ class RLRun:
             metrics.update(
                 reward_category_metrics([s.reward for s in samples], args.log_reward_category, "rollout/")
             )
+        if args.log_multi_turn:
+            metrics.update(self._multi_turn_metrics(samples))
+        return metrics
+
+    def _multi_turn_metrics(self, samples: list[Sample]) -> dict[str, float]:
+        """slime's ``--log-multi-turn``: response lengths (all tokens and trained tokens) and rounds per sample."""
+        lengths = [s.response_length for s in samples]
+        trained = [sum(s.loss_mask) if s.loss_mask is not None else s.response_length for s in samples]
+        limit = self.args.rollout_max_response_len
+        metrics = {
+            "multi_turn/raw_response_length/mean": statistics.fmean(lengths),
+            "multi_turn/raw_response_length/max": float(max(lengths)),
+            "multi_turn/raw_response_length/min": float(min(lengths)),
+            "multi_turn/raw_response_length/clip_ratio": statistics.fmean(
+                1.0 if n >= limit else 0.0 for n in lengths
+            ),
+            "multi_turn/wo_obs_response_length/mean": statistics.fmean(trained),
+            "multi_turn/wo_obs_response_length/max": float(max(trained)),
+            "multi_turn/wo_obs_response_length/min": float(min(trained)),
+        }
+        rounds = [int(s.metadata["round_number"]) for s in samples if "round_number" in s.metadata]
+        if rounds:
+            metrics["multi_turn/round_number/mean"] = statistics.fmean(rounds)
+            metrics["multi_turn/round_number/max"] = float(max(rounds))
+            metrics["multi_turn/round_number/min"] = float(min(rounds))
         return metrics
 
     # ------------------------------------------------------------------------------------------- training
@@ -353,6 +380,14 @@ class RLRun:
         batch = RolloutBatch.from_samples(args, samples)
         if self.postprocess_fn is not None:
             self._call_postprocess(batch)
+        if args.save_debug_train_data:
+            import dataclasses
+
+            import torch
+
+            path = Path(args.save_debug_train_data.format(rollout_id=rollout_id, rank=0))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"rollout_id": rollout_id, "rank": 0, "rollout_data": dataclasses.asdict(batch)}, path)
         result = self.trainer.train_step(batch, rollout_id)
         self._ack(rollout_id)
         metrics = result.metrics()

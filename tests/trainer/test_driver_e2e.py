@@ -188,10 +188,24 @@ def test_debug_rollout_data_trains_without_services_and_ci_test_catches_a_wrong_
         "--ci-test",
         "--port", "0",
     ]  # fmt: skip
-    good = _slime(workdir, "train", [*common, "--output-dir", str(workdir / "replay"), "--run-id", "replay"])
+    extra = [
+        "--log-multi-turn",
+        "--save-debug-train-data", str(workdir / "replay" / "train_{rollout_id}_{rank}.pt"),
+    ]  # fmt: skip
+    good = _slime(
+        workdir, "train", [*common, *extra, "--output-dir", str(workdir / "replay"), "--run-id", "replay"]
+    )
     assert good.returncode == 0, good.stderr[-3000:]
-    assert [r["rollout_id"] for r in _records(workdir / "replay", "rollout/step")] == [0, 1]
+    records = _records(workdir / "replay", "rollout/step")
+    assert [r["rollout_id"] for r in records] == [0, 1]
+    assert all(
+        r["multi_turn/raw_response_length/max"] >= r["multi_turn/raw_response_length/min"] for r in records
+    )
     assert not (workdir / "replay" / "logs").exists()
+    for rollout_id in (0, 1):
+        saved = torch.load(workdir / "replay" / f"train_{rollout_id}_0.pt", weights_only=False)
+        replayed = _debug_samples(workdir / "sync", rollout_id)
+        assert saved["rollout_data"]["tokens"] == [s["tokens"] for s in replayed]
 
     broken = _slime(
         workdir,
