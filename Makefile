@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	test -f examples/quickstart/model/config.json || $(PY) -m trainer.quickstart.build_model
 	$(VENV)/bin/slime demo
 
 lint: $(STAMP)

@@ -158,7 +158,7 @@ def plot_curve(summary: DemoSummary, path: Path) -> Path:
     ax.set_xlabel("rollouts trained")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     ax.set_title(
         f"slime demo: held-out accuracy {summary.accuracy_before:.0%} → {summary.accuracy_after:.0%} "
         f"in {summary.wall_seconds:.0f} s"

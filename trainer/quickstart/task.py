@@ -89,17 +89,23 @@ def sft_rows(
     *,
     exact_fraction: float,
     offsets: Sequence[int] = (-1, 1),
+    copies: int = 1,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """One chat conversation per problem (OpenAI ``messages``) whose answer is exact with ``exact_fraction``
-    probability and otherwise off by one of ``offsets``; the label column always holds the exact answer."""
+    """``copies`` chat conversations per problem (OpenAI ``messages``), each answered exactly with ``exact_fraction``
+    probability and otherwise off by one of ``offsets``, drawn independently, so the data shows the answer
+    distribution rather than one fixed wrong answer per problem. The label column always holds the exact answer."""
     if not 0.0 <= exact_fraction <= 1.0:
         raise ValueError(f"exact_fraction must be in [0, 1], got {exact_fraction}")
     if 0 in offsets or not offsets:
-        raise ValueError(f"offsets must be non-empty and non-zero (they make wrong answers), got {list(offsets)}")
+        raise ValueError(
+            f"offsets must be non-empty and non-zero (they make wrong answers), got {list(offsets)}"
+        )
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
     rng = random.Random(seed)
     rows = []
-    for problem in problems:
+    for problem in (p for p in problems for _ in range(copies)):
         value = problem.answer if rng.random() < exact_fraction else near_miss(problem, rng, offsets)
         rows.append(
             {

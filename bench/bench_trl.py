@@ -1,0 +1,243 @@
+"""Demo vs TRL: the quick-start GRPO run with TRL's ``GRPOTrainer`` on CPU and with ``slime train`` (the embedded
+stack: Redis, two engines, router, reward model, rollout buffer), same settings, in one invocation.
+
+    python bench/bench_trl.py [--steps 20] [--prompts-per-step 16] [--group-size 8]
+
+Both start from ``examples/quickstart/model`` and train on ``examples/quickstart/train.jsonl`` with the same group
+size, prompts per step, response length, temperature, learning rate, loss (GRPO, sequence-mean, no KL) and number
+of steps. Seconds per RL step are measured the same way for both: from the end of the first step to the end of
+the last, divided by the steps in between (start-up, the first step's warm-up and the final evaluation excluded).
+Held-out accuracy is measured for both final models by one evaluator (``trainer.quickstart.evaluate``: the
+``math`` grader on ``eval.jsonl``, sampled at the rollout temperature).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.quickstart.task import QUICKSTART as TASK  # noqa: E402
+from trainer.quickstart.task import Problem  # noqa: E402
+
+QUICKSTART = ROOT / "examples" / "quickstart"
+logger = logging.getLogger("bench_trl")
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    prompts_per_step: int
+    group_size: int
+    max_response_len: int
+    temperature: float
+    lr: float
+    seed: int
+
+
+@dataclass
+class Result:
+    name: str
+    seconds_per_step: float
+    total_seconds: float
+    accuracy_after: float
+
+
+def _per_step(stamps: list[float]) -> float:
+    if len(stamps) < 2:
+        raise ValueError("seconds per step needs at least 2 steps")
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
+    """TRL's ``GRPOTrainer`` on CPU: generation with ``model.generate``, the reward in-process."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from services.reward_model.graders.math import grade_math
+    from trainer.quickstart.evaluate import accuracy
+
+    rows = [json.loads(line) for line in (QUICKSTART / "train.jsonl").read_text().splitlines()]
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]} for r in rows]
+    )
+
+    def math_reward(completions: list, label: list[str], **_: object) -> list[float]:
+        return [float(grade_math(c[0]["content"], y)) for c, y in zip(completions, label, strict=True)]
+
+    stamps: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - transformers' signature
+            stamps.append(time.perf_counter())
+
+    config = GRPOConfig(
+        output_dir=str(work / "trl"),
+        use_cpu=True,
+        per_device_train_batch_size=settings.prompts_per_step * settings.group_size,
+        num_generations=settings.group_size,
+        max_completion_length=settings.max_response_len,
+        temperature=settings.temperature,
+        top_k=0,
+        top_p=1.0,
+        learning_rate=settings.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="grpo",
+        scale_rewards="group",
+        num_iterations=1,
+        max_steps=settings.steps,
+        disable_dropout=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=settings.seed,
+        dataloader_num_workers=0,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART / "model")
+    model = AutoModelForCausalLM.from_pretrained(QUICKSTART / "model", dtype=torch.float32)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=math_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    score = accuracy(
+        trainer.model,
+        tokenizer,
+        held_out,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_response_len,
+        seed=settings.seed,
+    )
+    return Result("TRL GRPOTrainer (CPU)", _per_step(stamps), total, score)
+
+
+def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
+    """``slime train`` on the embedded stack with the demo's flags and the benchmark's settings."""
+    from trainer.demo import demo_flags
+    from trainer.quickstart.evaluate import accuracy_of_dir
+
+    out = work / "slime"
+    export = work / "slime_model"
+    flags = [
+        *demo_flags(QUICKSTART),
+        "--num-rollout", str(settings.steps),
+        "--rollout-batch-size", str(settings.prompts_per_step),
+        "--n-samples-per-prompt", str(settings.group_size),
+        "--rollout-max-response-len", str(settings.max_response_len),
+        "--rollout-temperature", str(settings.temperature),
+        "--lr", str(settings.lr),
+        "--seed", str(settings.seed),
+        "--eval-interval", "0",
+        "--output-dir", str(out),
+        "--run-id", "bench-trl",
+        "--save-hf", str(export),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "services.cli", "train", *flags], cwd=ROOT, env=env, check=True)
+    total = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stamps = [r["time"] for r in records if "rollout/step" in r]
+    score = accuracy_of_dir(
+        str(export),
+        held_out,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_response_len,
+        seed=settings.seed,
+    )
+    return Result("slime train (embedded stack)", _per_step(stamps), total, score)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-response-len", type=int, default=12)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(
+        steps=opts.steps,
+        prompts_per_step=opts.prompts_per_step,
+        group_size=opts.group_size,
+        max_response_len=opts.max_response_len,
+        temperature=opts.temperature,
+        lr=opts.lr,
+        seed=opts.seed,
+    )
+    # eval.jsonl is written from this split (tests/trainer/test_quickstart.py checks it).
+    held_out = TASK.split()[1]
+    from trainer.quickstart.evaluate import accuracy_of_dir
+
+    before = accuracy_of_dir(
+        str(QUICKSTART / "model"),
+        held_out,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_response_len,
+        seed=settings.seed,
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+        work = Path(tmp)
+        trl_result = run_trl(settings, work, held_out)
+        slime_result = run_slime(settings, work, held_out)
+    import trl
+
+    rows = [
+        f"{'':32} {'s/step':>8} {'total s':>8} {'held-out acc':>13}",
+        f"{'warm start (before)':32} {'':>8} {'':>8} {before:>13.1%}",
+    ]
+    for result in (trl_result, slime_result):
+        rows.append(
+            f"{result.name:32} {result.seconds_per_step:>8.2f} {result.total_seconds:>8.1f} "
+            f"{result.accuracy_after:>13.1%}"
+        )
+    ratio = trl_result.seconds_per_step / slime_result.seconds_per_step
+    rows.append(
+        f"slime is {ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} per RL step than TRL {trl.__version__}"
+    )
+    sys.stdout.write("\n".join(rows) + "\n")
+    if opts.json:
+        opts.json.write_text(
+            json.dumps(
+                {
+                    "settings": asdict(settings),
+                    "accuracy_before": before,
+                    "results": [asdict(trl_result), asdict(slime_result)],
+                    "speedup": ratio,
+                    "trl_version": trl.__version__,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
