@@ -8,6 +8,7 @@ Request fields follow SGLang's ``io_struct.py`` (``UpdateWeightFromDiskReqInput`
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -69,9 +70,18 @@ class EngineClient:
     def continue_generation(self) -> None:
         self._request("POST", "/continue_generation", {})
 
-    def flush_cache(self) -> None:
-        # SGLang serves /flush_cache on GET and POST; slime uses GET.
-        self._request("GET", "/flush_cache")
+    def flush_cache(self, attempts: int = 60, interval_s: float = 0.5) -> None:
+        """SGLang (and the built-in engine) refuse a flush with HTTP 400 while requests are running or waiting —
+        a health probe, say — so retry as slime does until the engine is idle."""
+        for attempt in range(attempts):
+            try:
+                # SGLang serves /flush_cache on GET and POST; slime uses GET.
+                self._request("GET", "/flush_cache")
+                return
+            except EngineError as exc:
+                if "HTTP 400" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(interval_s)
 
     def get_weight_version(self) -> str | None:
         """The version the engine serves (SGLang answers ``{"weight_version": ...}``), None if it has none."""
