@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from trainer.quickstart.task import QUICKSTART as TASK  # noqa: E402
 from trainer.quickstart.task import Problem  # noqa: E402
 
-QUICKSTART = ROOT / "examples" / "quickstart"
+QUICKSTART_DIR = ROOT / "examples" / "quickstart"
 logger = logging.getLogger("bench_trl")
 
 
@@ -43,6 +43,7 @@ class Settings:
     temperature: float
     lr: float
     seed: int
+    quickstart_dir: Path
 
 
 @dataclass
@@ -69,7 +70,7 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
     from services.reward_model.graders.math import grade_math
     from trainer.quickstart.evaluate import accuracy
 
-    rows = [json.loads(line) for line in (QUICKSTART / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (settings.quickstart_dir / "train.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]} for r in rows]
     )
@@ -109,8 +110,8 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
         seed=settings.seed,
         dataloader_num_workers=0,
     )
-    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART / "model")
-    model = AutoModelForCausalLM.from_pretrained(QUICKSTART / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(settings.quickstart_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(settings.quickstart_dir / "model", dtype=torch.float32)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=math_reward,
@@ -141,7 +142,7 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result
     out = work / "slime"
     export = work / "slime_model"
     flags = [
-        *demo_flags(QUICKSTART),
+        *demo_flags(settings.quickstart_dir),
         "--num-rollout", str(settings.steps),
         "--rollout-batch-size", str(settings.prompts_per_step),
         "--n-samples-per-prompt", str(settings.group_size),
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quickstart-dir", type=Path, default=QUICKSTART_DIR, help="Model and data to use.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -191,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         temperature=opts.temperature,
         lr=opts.lr,
         seed=opts.seed,
+        quickstart_dir=opts.quickstart_dir,
     )
     # eval.jsonl is written from this split (tests/trainer/test_quickstart.py checks it).
     held_out = TASK.split()[1]
     from trainer.quickstart.evaluate import accuracy_of_dir
 
     before = accuracy_of_dir(
-        str(QUICKSTART / "model"),
+        str(settings.quickstart_dir / "model"),
         held_out,
         temperature=settings.temperature,
         max_new_tokens=settings.max_response_len,
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     "trl_version": trl.__version__,
                 },
                 indent=2,
+                default=str,
             )
         )
     return 0

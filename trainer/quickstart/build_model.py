@@ -32,8 +32,8 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# Completions are "\boxed{N}" and an end-of-turn token: a few tokens; eval and RL allow some slack.
-MAX_RESPONSE_TOKENS = 12
+# "\boxed{198}" and the end-of-turn token are 7 tokens; the demo's --rollout-max-response-len is the same 8.
+MAX_RESPONSE_TOKENS = 8
 
 
 @dataclass(frozen=True)
