@@ -4,11 +4,12 @@ stack: Redis, two engines, router, reward model, rollout buffer), same settings,
     python bench/bench_trl.py [--steps 20] [--prompts-per-step 16] [--group-size 8]
 
 Both start from ``examples/quickstart/model`` and train on ``examples/quickstart/train.jsonl`` with the same group
-size, prompts per step, response length, temperature, learning rate, loss (GRPO, sequence-mean, no KL) and number
+size, prompts per step, response length, temperature, learning rate, loss (GRPO, sequence-mean, a KL loss to the starting model with coefficient ``--kl-coef``: TRL's ``beta``
+with its k3 estimator, slime's ``--kl-loss-coef`` with ``low_var_kl``, the same estimator clipped) and number
 of steps. Seconds per RL step are measured the same way for both: from the end of the first step to the end of
 the last, divided by the steps in between (start-up, the first step's warm-up and the final evaluation excluded).
 Held-out accuracy is measured for both final models by one evaluator (``trainer.quickstart.evaluate``: the
-``math`` grader on ``eval.jsonl``, sampled at the rollout temperature).
+``math`` grader on ``eval.jsonl``, sampled at the rollout temperature, four answers per problem).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +34,13 @@ from trainer.quickstart.task import Problem  # noqa: E402
 
 QUICKSTART_DIR = ROOT / "examples" / "quickstart"
 logger = logging.getLogger("bench_trl")
+# Held-out accuracy is the mean over four sampled answers per problem (800 graded answers).
+EVAL_SEEDS = range(4)
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class Settings:
     temperature: float
     lr: float
     seed: int
+    kl_coef: float
     quickstart_dir: Path
 
 
@@ -98,7 +108,7 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
         weight_decay=0.0,
         warmup_steps=0,
         max_grad_norm=1.0,
-        beta=0.0,
+        beta=settings.kl_coef,
         loss_type="grpo",
         scale_rewards="group",
         num_iterations=1,
@@ -123,13 +133,16 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
     start = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - start
-    score = accuracy(
-        trainer.model,
-        tokenizer,
-        held_out,
-        temperature=settings.temperature,
-        max_new_tokens=settings.max_response_len,
-        seed=settings.seed,
+    score = _mean(
+        accuracy(
+            trainer.model,
+            tokenizer,
+            held_out,
+            temperature=settings.temperature,
+            max_new_tokens=settings.max_response_len,
+            seed=seed,
+        )
+        for seed in EVAL_SEEDS
     )
     return Result("TRL GRPOTrainer (CPU)", _per_step(stamps), total, score)
 
@@ -149,6 +162,7 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result
         "--rollout-max-response-len", str(settings.max_response_len),
         "--rollout-temperature", str(settings.temperature),
         "--lr", str(settings.lr),
+        "--kl-loss-coef", str(settings.kl_coef),
         "--seed", str(settings.seed),
         "--eval-interval", "0",
         "--output-dir", str(out),
@@ -162,12 +176,15 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result
     total = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stamps = [r["time"] for r in records if "rollout/step" in r]
-    score = accuracy_of_dir(
-        str(export),
-        held_out,
-        temperature=settings.temperature,
-        max_new_tokens=settings.max_response_len,
-        seed=settings.seed,
+    score = _mean(
+        accuracy_of_dir(
+            str(export),
+            held_out,
+            temperature=settings.temperature,
+            max_new_tokens=settings.max_response_len,
+            seed=seed,
+        )
+        for seed in EVAL_SEEDS
     )
     return Result("slime train (embedded stack)", _per_step(stamps), total, score)
 
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-response-len", type=int, default=12)
+    parser.add_argument("--max-response-len", type=int, default=8)
+    parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -193,18 +211,22 @@ def main(argv: list[str] | None = None) -> int:
         temperature=opts.temperature,
         lr=opts.lr,
         seed=opts.seed,
+        kl_coef=opts.kl_coef,
         quickstart_dir=opts.quickstart_dir,
     )
     # eval.jsonl is written from this split (tests/trainer/test_quickstart.py checks it).
     held_out = TASK.split()[1]
     from trainer.quickstart.evaluate import accuracy_of_dir
 
-    before = accuracy_of_dir(
-        str(settings.quickstart_dir / "model"),
-        held_out,
-        temperature=settings.temperature,
-        max_new_tokens=settings.max_response_len,
-        seed=settings.seed,
+    before = _mean(
+        accuracy_of_dir(
+            str(settings.quickstart_dir / "model"),
+            held_out,
+            temperature=settings.temperature,
+            max_new_tokens=settings.max_response_len,
+            seed=seed,
+        )
+        for seed in EVAL_SEEDS
     )
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         work = Path(tmp)

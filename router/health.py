@@ -19,8 +19,8 @@ from redis.exceptions import RedisError
 
 from router import metrics
 from router.registry import WorkerRecord, WorkerRegistry, WorkerState, is_behind
-from router.upstream import UpstreamError, UpstreamPool
 from router.workers import WorkerTable
+from services.core.upstream import UpstreamError, UpstreamPool
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 policy, the response (streamed or not) passed back as it arrives, and a request whose worker fails before
 answering is retried, byte for byte (so with the same ``sampling_seed``), on another worker.
 
-A plain ASGI app over ``router.upstream``'s keep-alive pool: Starlette's request and response objects are not
+A plain ASGI app over ``services.core.upstream``'s keep-alive pool: Starlette's request and response objects are not
 needed to copy bytes, and cost as much as the copying.
 """
 
@@ -19,15 +19,15 @@ from router.asgi import Receive, Scope, Send, read_body, send_json
 from router.health import HealthMonitor
 from router.policies import Policy, routing_key
 from router.registry import WorkerState
-from router.upstream import (
+from router.workers import WorkerTable
+from services.core.http_app import error_body
+from services.core.upstream import (
     BadResponse,
     ConnectFailed,
     ConnectionLost,
     ConnectTimeout,
     UpstreamPool,
 )
-from router.workers import WorkerTable
-from services.core.http_app import error_body
 
 logger = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ from router.registry import (
     WorkerState,
     normalize_worker_url,
 )
-from router.upstream import UpstreamError
 from router.workers import WorkerTable
 from services.core.arguments import SlimeArgumentParser, add_service_arguments, add_slime_arguments
 from services.core.http_app import ApiError, ServiceMiddleware, create_app, run_app
 from services.core.logging_setup import setup_logging
 from services.core.plugins import PluginLoadError, load_class
+from services.core.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from router.upstream import BadResponse, ConnectFailed, ConnectionLost, UpstreamPool
 from services.core.net import free_port
+from services.core.upstream import BadResponse, ConnectFailed, ConnectionLost, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

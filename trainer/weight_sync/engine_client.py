@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from services.core.net import tls_context
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -34,7 +36,9 @@ class EngineClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self._client = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout_s, verify=tls_context(), trust_env=False
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -82,6 +86,14 @@ class EngineClient:
                 if "HTTP 400" not in str(exc) or attempt == attempts - 1:
                     raise
                 time.sleep(interval_s)
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Free the engine's ``tags`` (``weights``, ``kv_cache``, ``cuda_graph``; all when None) — SGLang's
+        ``ReleaseMemoryOccupationReqInput``."""
+        self._request("POST", "/release_memory_occupation", {"tags": tags})
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        self._request("POST", "/resume_memory_occupation", {"tags": tags})
 
     def get_weight_version(self) -> str | None:
         """The version the engine serves (SGLang answers ``{"weight_version": ...}``), None if it has none."""

@@ -1,5 +1,6 @@
-"""The router's HTTP/1.1 client for its workers: keep-alive connections per worker, responses parsed by httptools
-(uvicorn's parser) and handed over as they arrive, so that a stream reaches the client chunk by chunk.
+"""A lean HTTP/1.1 client for service-to-service calls (the router to its workers, rollout workers to the
+router): keep-alive connections per origin, responses parsed by httptools (uvicorn's parser) and handed over as
+they arrive, so that a stream reaches the client chunk by chunk.
 
 A general client (aiohttp, httpx) spends most of the router's CPU on a request it only relays: on the loopback
 benchmark this one costs about a third of aiohttp's CPU per request, and a fifth of httpx's. Errors say what
