@@ -28,22 +28,35 @@ def packed_sdpa_attention(
     packed_seq_bounds: tuple[int, ...] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over a packed row, one sequence at a time, each through transformers' own SDPA path as an
-    unmasked causal attention.
+    """Attention over a packed row: each sequence attends causally to itself only, through transformers' own SDPA
+    path, with the sequences of equal length batched into one call.
 
     A single block-diagonal T×T mask would make attention quadratic in the whole row and keep SDPA off its
-    flash kernels; per sequence, the cost is Σ L_i² and every sequence gets exactly the computation of its
-    unpacked forward. ``packed_seq_bounds`` are the cumulative sequence offsets ``(0, L_0, L_0 + L_1, …)``.
+    flash kernels; here the cost is Σ L_i², and sequences of one length (a GRPO group's prompts often are) share
+    one kernel launch instead of one each, which is most of the attention time for short sequences.
+    ``packed_seq_bounds`` are the cumulative sequence offsets ``(0, L_0, L_0 + L_1, …)``; ``query`` is
+    ``[1, heads, T, head_dim]`` and the result ``[1, T, heads, head_dim]``, as transformers' SDPA returns it.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_seq_bounds is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [
-        sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, **kwargs)[0]
-        for s, e in zip(packed_seq_bounds[:-1], packed_seq_bounds[1:], strict=True)
-    ]
-    return torch.cat(outputs, dim=1), None
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(packed_seq_bounds[:-1], packed_seq_bounds[1:], strict=True):
+        starts_by_length.setdefault(end - start, []).append(start)
+    if len(starts_by_length) == 1 and len(next(iter(starts_by_length.values()))) == 1:
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+    batch, heads, total, head_dim = query.shape
+    out = query.new_empty(batch, total, heads, head_dim)
+    for length, starts in starts_by_length.items():
+        # [n, L] token positions of the n sequences of this length; gathered to [n, heads, L, head_dim].
+        positions = torch.tensor(starts, device=query.device)[:, None] + torch.arange(
+            length, device=query.device
+        )
+        q, k, v = (t[0][:, positions].transpose(0, 1) for t in (query, key, value))
+        attended = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+        out[0, positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
+    return out, None
 
 
 def _register_attention() -> None:
