@@ -110,6 +110,10 @@ def test_services_address_each_other_by_compose_name(compose):
     for name in ("engine-0", "engine-1", "rollout-buffer", "trainer"):
         assert args[name].hf_checkpoint == "/app/examples/quickstart/model"
     assert trainer.prompt_data.startswith("/app/examples/quickstart/")
+    # The image copies examples/ to /app/examples: what the containers are told to load is committed.
+    for path in (trainer.hf_checkpoint, trainer.prompt_data):
+        assert (REPO / path.removeprefix("/app/")).exists(), f"{path} is not in the image"
+    assert (REPO / trainer.hf_checkpoint.removeprefix("/app/") / "model.safetensors").is_file()
     assert trainer.save.startswith("/shared/")
     assert {v["target"] for v in services["trainer"]["volumes"]} == {"/shared"}
     for name in SLIME_SERVICES:

@@ -217,6 +217,10 @@ def test_default_values_wire_every_service_to_the_others(chart):
     assert trainer.save == "/shared/runs/quickstart/checkpoints"
     assert flag_values(trainer_argv, "--load") == [trainer.save]
     assert trainer.host == buffer.host == "0.0.0.0"
+    # The default values train the quick-start task that the image carries (examples/ is copied to /app/examples).
+    for path in (trainer.hf_checkpoint, trainer.prompt_data, buffer.hf_checkpoint):
+        assert path.startswith("/app/examples/quickstart/"), path
+        assert (REPO / path.removeprefix("/app/")).exists(), f"{path} is not in the image"
 
     redis = one(docs, "StatefulSet", "rl-slime-redis")
     redis_args = container(redis, "redis")["args"]
