@@ -86,7 +86,7 @@ async def close_clients() -> None:
         await pool.close()
 
 
-async def _post_generate(args: Any, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+async def _post_generate(args: Any, url: str, payload: dict[str, Any]) -> Any:
     timeout = getattr(args, "sglang_router_request_timeout_secs", None) or 3600
     try:
         async with asyncio.timeout(timeout):
@@ -140,7 +140,6 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
             f"sample {sample.uid}: generate needs a pending or aborted sample, got {sample.status}"
         )
     url = router_url(args)
-    tokenizer = tokenizer_of(args)
     params = dict(sampling_params)
     payload: dict[str, Any] = {"return_logprob": True}
     if sample.response:
@@ -153,14 +152,62 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
                 return sample
         payload["input_ids"] = list(sample.tokens)
     else:
-        text, images = _prompt_text(sample.prompt, tokenizer)
-        prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        sample.tokens = prompt_ids
-        payload["input_ids"] = prompt_ids
+        images = _tokenize_prompt(args, sample)
+        payload["input_ids"] = list(sample.tokens)
         if images:
             payload["image_data"] = images
     payload["sampling_params"] = params
-    output = await _post_generate(args, url, payload)
+    _apply_output(sample, await _post_generate(args, url, payload))
+    return sample
+
+
+async def generate_fresh_batch(
+    args: Any, samples: list[Sample], sampling_params: list[dict[str, Any]]
+) -> list[Sample]:
+    """Generate the responses of fresh (pending, nothing generated yet, text-only) ``samples`` in one batched
+    ``/generate`` request, SGLang's ``input_ids`` list with one ``sampling_params`` per prompt.
+
+    Each sample is sampled independently, exactly as with one ``generate`` call each; one request per group instead
+    of one per sample saves the per-request cost of every hop (worker, router, engine), and the engine sees the
+    group's shared prompt together.
+    """
+    for sample in samples:
+        if sample.status is not Sample.Status.PENDING or sample.response:
+            raise ValueError(f"sample {sample.uid}: a batched generate takes fresh samples only")
+        if not is_text_only(sample):
+            raise ValueError(f"sample {sample.uid}: a batched generate takes text-only prompts")
+    for sample in samples:
+        _tokenize_prompt(args, sample)
+    payload = {
+        "input_ids": [list(sample.tokens) for sample in samples],
+        "sampling_params": [dict(params) for params in sampling_params],
+        "return_logprob": True,
+    }
+    outputs = await _post_generate(args, router_url(args), payload)
+    if not isinstance(outputs, list) or len(outputs) != len(samples):
+        raise RouterError(
+            f"router {router_url(args)}/generate answered a batch of {len(samples)} with "
+            f"{len(outputs) if isinstance(outputs, list) else 'a single'} output(s)"
+        )
+    for sample, output in zip(samples, outputs, strict=True):
+        _apply_output(sample, output)
+    return samples
+
+
+def is_text_only(sample: Sample) -> bool:
+    """Whether the prompt has no images (a batched generate takes only those)."""
+    return isinstance(sample.prompt, str) or all(part.get("type") == "text" for part in sample.prompt)
+
+
+def _tokenize_prompt(args: Any, sample: Sample) -> list[str]:
+    """Set a fresh sample's tokens to its prompt's; returns the prompt's images."""
+    text, images = _prompt_text(sample.prompt, tokenizer_of(args))
+    sample.tokens = list(tokenizer_of(args)(text, add_special_tokens=False)["input_ids"])
+    return images
+
+
+def _apply_output(sample: Sample, output: dict[str, Any]) -> None:
+    """Append one ``/generate`` output (tokens, log-probs, text, weight version) to ``sample`` and set its status."""
     meta = output.get("meta_info", {})
     pairs = meta.get("output_token_logprobs") or []
     new_tokens = [int(entry[1]) for entry in pairs]
@@ -172,4 +219,3 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
         sample.weight_versions.append(str(meta["weight_version"]))
     finish = (meta.get("finish_reason") or {}).get("type")
     sample.status = _FINISH_STATUS.get(finish, Sample.Status.COMPLETED)
-    return sample

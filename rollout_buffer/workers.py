@@ -27,7 +27,7 @@ import orjson
 
 from rollout_buffer import metrics
 from rollout_buffer.arguments import parse_args
-from rollout_buffer.generate import close_clients
+from rollout_buffer.generate import close_clients, generate, generate_fresh_batch, is_text_only
 from rollout_buffer.store import (
     KIND_SAMPLE,
     QUEUE_EVAL,
@@ -179,6 +179,9 @@ class RolloutWorker:
         claimed = await self.queue.reclaim(self.consumer, self.reclaim_idle_ms, count)
         live = []
         for entry in claimed:
+            if entry.id in self._inflight:
+                # Our own task, idle past the limit only because the heartbeat was late (a busy host): still live.
+                continue
             pending = await self.store.redis.xpending_range(
                 self.queue.stream, self.queue.group, min=entry.id, max=entry.id, count=1
             )
@@ -237,12 +240,49 @@ class RolloutWorker:
         """Generate every sample of the group (continuing partial ones) and score them, as slime's
         ``generate_and_rm_group`` does."""
         group_rm = bool(getattr(self.args, "group_rm", False))
-        results = await asyncio.gather(
-            *(self._generate_and_rm(task, sample, i, group_rm) for i, sample in enumerate(task.samples))
-        )
-        samples = [s for result in results for s in (result if isinstance(result, list) else [result])]
+        batched = self._fresh_batch(task)
+        singles = [i for i in range(len(task.samples)) if i not in batched]
+        jobs = [self._generate_and_rm(task, task.samples[i], i, group_rm) for i in singles]
+        if batched:
+            jobs.append(self._generate_batch_and_rm(task, batched, group_rm))
+        results = await asyncio.gather(*jobs)
+        # In the group's order, whichever way each sample was generated.
+        by_index: dict[int, Sample | list[Sample]] = dict(zip(singles, results, strict=False))
+        if batched:
+            by_index.update(zip(batched, results[-1], strict=True))
+        ordered = [by_index[i] for i in range(len(task.samples))]
+        samples = [s for result in ordered for s in (result if isinstance(result, list) else [result])]
         if group_rm and not any(s.status is Sample.Status.ABORTED for s in samples):
             await self.scorer.score(samples, group=True)
+        return samples
+
+    def _fresh_batch(self, task: RolloutTask) -> list[int]:
+        """Indices of the group's samples that go to the engines as one batched request: with slime's default
+        generate, the fresh text-only samples, when there are at least two."""
+        if self.generate_fn is not generate:
+            return []
+        fresh = [
+            i
+            for i, sample in enumerate(task.samples)
+            if sample.status is Sample.Status.PENDING and not sample.response and is_text_only(sample)
+        ]
+        return fresh if len(fresh) > 1 else []
+
+    def _sampling_params(self, task: RolloutTask, index: int) -> dict:
+        params = copy.deepcopy(task.sampling_params)
+        if getattr(self.args, "sglang_enable_deterministic_inference", False):
+            params["sampling_seed"] = self.args.rollout_seed + index
+        return params
+
+    async def _generate_batch_and_rm(
+        self, task: RolloutTask, indices: list[int], group_rm: bool
+    ) -> list[Sample]:
+        samples = [task.samples[i] for i in indices]
+        await generate_fresh_batch(self.args, samples, [self._sampling_params(task, i) for i in indices])
+        if not group_rm:
+            await self.scorer.score(
+                [s for s in samples if s.status is not Sample.Status.ABORTED], group=False
+            )
         return samples
 
     async def _generate_and_rm(
@@ -250,9 +290,7 @@ class RolloutWorker:
     ) -> Sample | list[Sample]:
         if sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED):
             return sample
-        params = copy.deepcopy(task.sampling_params)
-        if getattr(self.args, "sglang_enable_deterministic_inference", False):
-            params["sampling_seed"] = self.args.rollout_seed + index
+        params = self._sampling_params(task, index)
         result = await self.generate_fn(self.args, sample, params)
         if group_rm:
             return result

@@ -231,3 +231,72 @@ async def test_partial_samples_are_continued_and_group_rm_scores_the_group(
     assert untouched.tokens == [1, 2] and untouched.status == Sample.Status.COMPLETED
     # --group-rm: the reward service scored the whole group, the finished sample included.
     assert isinstance(continued.reward, float) and isinstance(untouched.reward, float)
+
+
+def _engine_counts(engine_url: str) -> tuple[float, float]:
+    """(HTTP POST /generate requests answered 200, generation requests finished) from the engine's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    http_posts = finished = 0.0
+    text = httpx.get(f"{engine_url}/metrics", timeout=10, trust_env=False).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "slime_http_requests_total"
+                and labels.get("route") == "/generate"
+                and labels.get("status") == "200"
+            ):
+                http_posts += sample.value
+            elif sample.name == "slime_rollout_engine_requests_total":
+                finished += sample.value
+    return http_posts, finished
+
+
+async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
+    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client
+) -> None:
+    args = parse_args(_worker_argv(stack, redis_server.url))
+    store = BufferStore(redis_client, StoreLimits())
+    queue = task_queue(redis_client, "default")
+    # A partial sample (continued on its own) first, then four fresh ones (one batched request).
+    seed = RolloutTask(
+        group_id="batch",
+        rollout_id=0,
+        samples=[Sample(prompt="3+3=", label="6", uid="partial")],
+        sampling_params={"max_new_tokens": 2, "ignore_eos": True},
+    )
+    await submit_tasks(redis_client, "default", [seed])
+
+    async def drained() -> bool:
+        return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
+
+    await _run_in_process(args, store, drained)
+    [group] = (await store.lease("default", 5)).groups
+    await store.ack("default", [group.lease_id])
+    partial = Sample.from_dict(group.items[0])
+    partial.status = Sample.Status.ABORTED
+    fresh = [Sample(prompt="1+2=", label="3", uid=f"fresh-{i}", index=i + 1) for i in range(4)]
+    task = RolloutTask(
+        group_id="batch",
+        rollout_id=1,
+        samples=[partial, *fresh],
+        sampling_params={"max_new_tokens": 6, "temperature": 1.0, "ignore_eos": True},
+    )
+    posts_before, finished_before = _engine_counts(stack["engine_url"])
+    await submit_tasks(redis_client, "default", [task])
+    await _run_in_process(args, store, drained)
+    posts_after, finished_after = _engine_counts(stack["engine_url"])
+    assert posts_after - posts_before == 2  # the continuation, and one batch for the four fresh samples
+    assert finished_after - finished_before == 5
+
+    [group] = (await store.lease("default", 5)).groups
+    samples = [Sample.from_dict(item) for item in group.items]
+    assert [s.uid for s in samples] == ["partial", "fresh-0", "fresh-1", "fresh-2", "fresh-3"]
+    assert samples[0].response_length == 6 and samples[0].tokens[: len(partial.tokens)] == partial.tokens
+    for sample in samples[1:]:
+        assert sample.response_length == 6 and len(sample.rollout_log_probs) == 6
+        assert sample.status == Sample.Status.TRUNCATED and isinstance(sample.reward, float)
+    # Sampled independently: the four answers to one prompt are not all the same.
+    assert len({tuple(s.tokens) for s in samples[1:]}) > 1
