@@ -6,12 +6,17 @@ decoding on both sides, at several batch sizes. Also estimates the memory-bandwi
 
     python -m bench.bench_engine --preset cpu-10m          # ~10M parameters on CPU
     python -m bench.bench_engine --preset gpu-0.5b         # ~0.5B parameters on a GPU
+
+``--on-policy`` also prices the true on-policy mode (``--sglang-rl-on-policy-target fsdp``): the engine with
+``return_logprob`` in its normal mode against the same with every finished request rescored by the trainer's
+per-sequence forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import statistics
@@ -49,6 +54,8 @@ class Result:
     ratio: float
     engine_step_ms: float
     hf_step_ms: float
+    logprob_tok_s: float | None = None
+    on_policy_tok_s: float | None = None
 
 
 def build_model(out: Path, preset: dict, dtype: str, max_positions: int) -> Path:
@@ -89,7 +96,14 @@ def _sync(device: torch.device) -> None:
 
 
 def run_engine(
-    model_dir: Path, prompts: list[list[int]], new_tokens: int, device: str, repeats: int
+    model_dir: Path,
+    prompts: list[list[int]],
+    new_tokens: int,
+    device: str,
+    repeats: int,
+    *,
+    return_logprob: bool = False,
+    on_policy_target: str | None = None,
 ) -> float:
     """Tokens per second of the built-in engine (in-process scheduler, no HTTP), best of ``repeats``."""
     from services.core.wire import SamplingParams
@@ -102,6 +116,7 @@ def run_engine(
             device=device,
             max_running_requests=max(len(prompts), 1),
             context_length=len(prompts[0]) + new_tokens + 1,
+            rl_on_policy_target=on_policy_target,
         )
     )
     engine.start()
@@ -112,7 +127,7 @@ def run_engine(
     async def once(tag: str) -> float:
         async def one(i: int, ids: list[int]) -> int:
             last = None
-            async for snap in engine.generate(f"{tag}-{i}", ids, params):
+            async for snap in engine.generate(f"{tag}-{i}", ids, params, return_logprob=return_logprob):
                 last = snap
             return len(last.output_ids)
 
@@ -174,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation of the baseline.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    parser.add_argument(
+        "--on-policy", action="store_true", help="Also measure the true on-policy mode's cost (see above)."
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("services", "transformers", "httpx"):
@@ -235,6 +253,19 @@ def main(argv: list[str] | None = None) -> int:
                 engine_step_ms=batch / engine_tps * 1e3,
                 hf_step_ms=batch / hf_tps * 1e3,
             )
+            if args.on_policy:
+                run = functools.partial(
+                    run_engine, model_dir, prompts, args.new_tokens, str(device), args.repeats
+                )
+                result.logprob_tok_s = run(return_logprob=True)
+                result.on_policy_tok_s = run(return_logprob=True, on_policy_target="fsdp")
+                logger.info(
+                    "batch %3d: with log-probs %9.1f tok/s | true on-policy %9.1f tok/s | ratio %.2fx",
+                    batch,
+                    result.logprob_tok_s,
+                    result.on_policy_tok_s,
+                    result.on_policy_tok_s / result.logprob_tok_s,
+                )
             results.append(result)
             logger.info(
                 "batch %3d: engine %9.1f tok/s (%.2f ms/step, floor x%.1f) | transformers %9.1f tok/s (%.2f ms/step)"

@@ -24,6 +24,7 @@ SERVICES: dict[str, str] = {
 TRAIN_MODES: dict[str, str] = {"train": "sync", "train-async": "async"}
 TRAIN_MODULE = "trainer.driver"
 DEMO_MODULE = "trainer.demo"
+CONVERT_MODULE = "trainer.backends.megatron_backend.convert_cli"
 
 _OUTPUT_FORMAT_DEST = "slime_args_output_format"
 
@@ -42,6 +43,7 @@ def _cli_parser() -> argparse.ArgumentParser:
         "train-async", help="one-step-off asynchronous training driver (slime's train_async.py)"
     )
     commands.add_parser("demo", help="the embedded quick start: every service on this machine")
+    commands.add_parser("convert", help="checkpoints: hf-to-megatron, megatron-to-hf")
     return parser
 
 
@@ -116,13 +118,18 @@ def _run_demo(argv: Sequence[str]) -> int:
     return int(main(list(argv)) or 0)
 
 
+def _run_convert(argv: Sequence[str]) -> int:
+    main = _load_entry_point(CONVERT_MODULE, "main", "`slime convert`")
+    return int(main(list(argv)) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `slime` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _cli_parser()
     if not argv:
         parser.print_usage(sys.stderr)
-        _fail("a COMMAND is required: args, serve, train, train-async or demo", status=2)
+        _fail("a COMMAND is required: args, serve, train, train-async, demo or convert", status=2)
     if argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -135,8 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_train(command, rest)
     if command == "demo":
         return _run_demo(rest)
+    if command == "convert":
+        return _run_convert(rest)
     parser.print_usage(sys.stderr)
-    _fail(f"unknown command {command!r}; choose from args, serve, train, train-async, demo", status=2)
+    _fail(
+        f"unknown command {command!r}; choose from args, serve, train, train-async, demo, convert", status=2
+    )
 
 
 if __name__ == "__main__":

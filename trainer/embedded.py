@@ -73,12 +73,15 @@ class EmbeddedStack:
         num_engines: int,
         rollout_workers: int = 1,
         engine_threads: int | None = None,
+        external_engine_urls: list[str] | None = None,
     ):
         self.args = args
         self.log_dir = Path(log_dir)
         self.num_engines = num_engines
         self.rollout_workers = rollout_workers
         self.engine_threads = engine_threads
+        # Engines someone else runs (--rollout-external-engine-addrs): registered with the router, never started.
+        self.external_engine_urls = list(external_engine_urls or [])
         self.redis: EmbeddedRedis | None = None
         self.engines: list[ServiceProcess] = []
         self.services: dict[str, ServiceProcess] = {}
@@ -97,6 +100,9 @@ class EmbeddedStack:
             str(port),
             *(["--num-threads", str(self.engine_threads)] if self.engine_threads else []),
         )
+        target = getattr(args, "sglang_passthrough", {}).get("rl_on_policy_target")
+        if target is not None:
+            argv += ["--sglang-rl-on-policy-target", str(target)]
         env = {"OMP_NUM_THREADS": str(self.engine_threads)} if self.engine_threads else None
         return ServiceProcess(
             f"engine-{index}",
@@ -118,7 +124,7 @@ class EmbeddedStack:
         self.engines = [self.engine_process(i, port) for i, port in enumerate(engine_ports)]
         for engine in self.engines:
             engine.start()
-        engine_urls = [f"http://127.0.0.1:{p}" for p in engine_ports]
+        engine_urls = [f"http://127.0.0.1:{p}" for p in engine_ports] + self.external_engine_urls
 
         router_port = free_port()
         health = _flag_list(

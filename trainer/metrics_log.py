@@ -9,6 +9,8 @@ import json
 import logging
 import math
 import os
+import secrets
+import string
 import time
 from collections import Counter
 from pathlib import Path
@@ -56,6 +58,12 @@ def zero_std_metrics(group_rewards: list[list[float]], prefix: str = "rollout/")
     return {f"{prefix}zero_std/count_{value}": float(n) for value, n in counts.items()}
 
 
+def _random_suffix(length: int = 8) -> str:
+    """A W&B-style run id (lowercase letters and digits); wandb's own helper moved between releases."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
 class MetricsLogger:
     """Fan a run's metrics out to ``metrics.jsonl`` and, if enabled, TensorBoard and W&B."""
 
@@ -92,11 +100,15 @@ class MetricsLogger:
             import wandb
         except ImportError as exc:
             raise RuntimeError("--use-wandb needs the wandb package: pip install 'slime-rl[wandb]'") from exc
-        if args.wandb_key:
+        # --wandb-mode wins over WANDB_MODE, as in slime; offline and disabled runs never reach the server.
+        offline = (args.wandb_mode or os.environ.get("WANDB_MODE")) in ("offline", "disabled")
+        if args.wandb_key and not offline:
             wandb.login(key=args.wandb_key, host=args.wandb_host, relogin=True)
+        if args.wandb_dir:
+            Path(args.wandb_dir).mkdir(parents=True, exist_ok=True)
         name = args.wandb_group
         if name and getattr(args, "wandb_random_suffix", True):
-            name = f"{name}_{wandb.util.generate_id()}"
+            name = f"{name}_{_random_suffix()}"
         run = wandb.init(
             project=args.wandb_project,
             entity=args.wandb_team,
@@ -106,10 +118,13 @@ class MetricsLogger:
             mode=args.wandb_mode,
             id=args.wandb_run_id,
             resume="allow" if args.wandb_run_id else None,
+            settings=wandb.Settings(base_url=args.wandb_host) if args.wandb_host else None,
             config={
                 k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))
             },
         )
+        logger.info("W&B run %s in %s (resume it with --wandb-run-id %s)", run.id, run.dir, run.id)
+        args.wandb_run_id = run.id
         for step_key in ("train/step", "rollout/step", "eval/step"):
             run.define_metric(step_key)
         for family, step_key in (
@@ -123,16 +138,31 @@ class MetricsLogger:
             run.define_metric(family, step_metric=step_key)
         return run
 
+    def _train_steps(self, rollout_id: int) -> int:
+        """Optimizer steps taken before rollout ``rollout_id`` (slime's train step at the rollout's start)."""
+        args = self.args
+        return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+
     def log(self, metrics: dict[str, Any], *, step_key: str, step: int) -> None:
-        record = {"time": time.time(), step_key: step, **metrics}
+        """One record: ``step_key`` (``rollout/step`` or ``eval/step``) is the rollout id, or the train step
+        with ``--wandb-always-use-train-step``; a record with ``train/*`` metrics also carries ``train/step``."""
+        steps = {step_key: self._train_steps(step) if self.args.wandb_always_use_train_step else step}
+        if any(name.startswith("train/") for name in metrics):
+            steps["train/step"] = self._train_steps(step)
+        record = {"time": time.time(), **steps, **metrics}
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
         if self._tb is not None:
             for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(name, value, step)
+                # Eval metrics repeated in a rollout record were already written at their eval step.
+                if not isinstance(value, (int, float)) or (
+                    name.startswith("eval/") and step_key != "eval/step"
+                ):
+                    continue
+                family_step = steps["train/step"] if name.startswith("train/") else steps[step_key]
+                self._tb.add_scalar(name, value, family_step)
         if self._wandb is not None:
-            self._wandb.log({step_key: step, **metrics})
+            self._wandb.log({**steps, **metrics})
 
     def close(self) -> None:
         self._file.close()

@@ -25,7 +25,9 @@ from trainer.data import DatasetKeys, PromptDataset, RolloutDataSource
 from trainer.driver import ASYNC, output_dir, run_in_background
 from trainer.embedded import EmbeddedStack, StackAddresses
 from trainer.metrics_log import MetricsLogger, passrate_metrics, reward_category_metrics, zero_std_metrics
+from trainer.offload import EngineMemory
 from trainer.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput, call_rollout_fn
+from trainer.rollout.distributed_post import poster_count
 from trainer.rollout.filters import pop_first
 from trainer.rollout.queue_rollout import RolloutContext, set_context
 from trainer.status import TrainerStatusServer
@@ -71,6 +73,7 @@ class RLRun:
         self.engines_needing_sync = False
         self.restarts = 0
         self.last_synced: tuple[str, ...] = ()
+        self.engine_memory: EngineMemory | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
     def __enter__(self) -> RLRun:
@@ -99,9 +102,15 @@ class RLRun:
         self.status.start()
         if not args.debug_train_only:
             self.addresses = self._services()
-        from trainer.backends.torch_backend.trainer import TorchTrainer
-
-        self.trainer = TorchTrainer(args)
+            if args.offload and self.mode != ASYNC and not args.debug_rollout_only:
+                # slime releases the engines' memory before the trainer is built on the same GPUs.
+                self.engine_memory = EngineMemory(auth_token=args.auth_token)
+                self.engine_memory.release(self.addresses.engine_urls)
+        if args.train_backend == "megatron":
+            from trainer.backends.megatron_backend.trainer import MegatronTrainer as Trainer
+        else:
+            from trainer.backends.torch_backend.trainer import TorchTrainer as Trainer
+        self.trainer = Trainer(args)
         self.data_state = _DataSourceState(self.data_source)
         self.trainer.register_state("data_source", self.data_state)
         loaded = self.trainer.load()
@@ -148,9 +157,22 @@ class RLRun:
 
     def _services(self) -> StackAddresses:
         args = self.args
+        external = [
+            e if e.startswith("http") else f"http://{e}" for e in args.rollout_external_engine_addrs or []
+        ]
         if args.router_url is None:
-            num_engines = max(1, (args.rollout_num_gpus or 1) // args.rollout_num_gpus_per_engine)
-            self.stack = EmbeddedStack(args, self.out_dir / "logs", num_engines=num_engines)
+            num_engines = (
+                0
+                if args.rollout_external
+                else max(1, (args.rollout_num_gpus or 1) // args.rollout_num_gpus_per_engine)
+            )
+            self.stack = EmbeddedStack(
+                args,
+                self.out_dir / "logs",
+                num_engines=num_engines,
+                rollout_workers=poster_count(args),
+                external_engine_urls=external,
+            )
             addresses = self.stack.start()
             args.redis_url = addresses.redis_url
             args.router_url = addresses.router_url
@@ -161,8 +183,7 @@ class RLRun:
                     "slime train: error: with --router-url, also give --redis-url and --rollout-buffer-url "
                     "(the services of a deployed stack); give none of them for the embedded stack"
                 )
-            engines = list(args.rollout_external_engine_addrs or [])
-            engines = [e if e.startswith("http") else f"http://{e}" for e in engines]
+            engines = external
             for url in engines:
                 httpx.post(
                     f"{args.router_url}/add_worker", params={"url": url}, timeout=10
@@ -231,6 +252,8 @@ class RLRun:
                 pending = run_in_background(self._rollout, rollout_id + 1) if rollout_id + 1 < end else None
             else:
                 samples, rollout_metrics = self._rollout(rollout_id)
+                if self.engine_memory is not None:
+                    self.engine_memory.release(self.addresses.engine_urls)
             train_metrics = self._train(rollout_id, samples)
             last = rollout_id + 1 == end
             if last or (args.save_interval and (rollout_id + 1) % args.save_interval == 0):
@@ -459,14 +482,17 @@ class RLRun:
         if self.addresses is None or self.args.debug_rollout_only:
             return {}
         engines = self._heal_engines()
-        transport = self.args.weight_sync_transport
-        report = self.trainer.update_weights(
-            engines,
-            transport=None if transport == "auto" else transport,
-            disk_dir=self.args.weight_sync_dir,
-            router_url=self.addresses.router_url,
-            reconnect=self.engines_needing_sync,
-        )
+        try:
+            report = self._push_to(engines)
+        except Exception:
+            # An engine killed between the health check and the push (train-async pushes while a rollout runs):
+            # relaunch it and push again over a new group, once.
+            if not (self.args.use_fault_tolerance and self._engines_down()):
+                raise
+            logger.warning("an engine died during the weight push; relaunching it and pushing again")
+            engines = self._heal_engines()
+            self.engines_needing_sync = True
+            report = self._push_to(engines)
         self.engines_needing_sync = False
         if self.context is not None:
             self.context.weight_version = self.trainer.weight_version
@@ -475,6 +501,21 @@ class RLRun:
             "perf/weight_sync_gb": report.bytes / 1e9,
             "fault/engines_synced": float(len(engines)),
         }
+
+    def _push_to(self, engines: list[str]) -> Any:
+        transport = self.args.weight_sync_transport
+
+        def push() -> Any:
+            return self.trainer.update_weights(
+                engines,
+                transport=None if transport == "auto" else transport,
+                disk_dir=self.args.weight_sync_dir,
+                router_url=self.addresses.router_url,
+                reconnect=self.engines_needing_sync,
+            )
+
+        memory = self.engine_memory
+        return push() if memory is None else memory.push_weights(engines, self.trainer, push)
 
     def _engines_down(self) -> bool:
         return self.stack is not None and not all(engine.alive() for engine in self.stack.engines)
@@ -491,7 +532,9 @@ class RLRun:
             logger.warning("cannot read worker states from the router: %s", exc)
             dead = set()
         if self.stack is not None:
-            for index, url in enumerate(urls):
+            # The stack's own engines come first; external ones (--rollout-external-engine-addrs) are not ours to
+            # relaunch: a DEAD one is left out until it is healthy again.
+            for index, url in enumerate(urls[: len(self.stack.engines)]):
                 if url in dead or not self.stack.engines[index].alive():
                     logger.warning("engine %s is dead; relaunching it", url)
                     self.stack.restart_engine(index)

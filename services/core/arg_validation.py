@@ -312,6 +312,9 @@ def validate_sglang_args(parser: argparse.ArgumentParser, args: argparse.Namespa
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.sglang_dp_size > 1 and not args.sglang_enable_dp_attention:
         parser.error(f"--sglang-dp-size {args.sglang_dp_size} requires --sglang-enable-dp-attention")
+    if getattr(args, "true_on_policy_mode", False) and hasattr(args, "sglang_passthrough"):
+        # Engines must return the log-probs of the trainer's own forward (SGLang's --rl-on-policy-target).
+        args.sglang_rl_on_policy_target = args.sglang_passthrough.setdefault("rl_on_policy_target", "fsdp")
 
 
 def validate_megatron_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -911,7 +911,9 @@ def _add_wandb(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="Key of the reward dict whose values are logged as categories (e.g. why a reward failed).",
     )
-    group.add_argument("--wandb-run-id", type=str, default=None, help="W&B run id (parsed, unused by slime).")
+    group.add_argument(
+        "--wandb-run-id", type=str, default=None, help="W&B run id: resume that run (or start it)."
+    )
 
 
 def _add_tensorboard(group: argparse._ArgumentGroup) -> None:
@@ -966,7 +968,7 @@ def _add_debug(group: argparse._ArgumentGroup) -> None:
         "--memory-snapshot-dir",
         type=str,
         default=".",
-        help="Directory of CUDA memory snapshots (with Megatron's --record-memory-history).",
+        help="Directory of the CUDA memory snapshots --record-memory-history writes (on OOM and at shutdown).",
     )
 
 
@@ -976,7 +978,7 @@ def _add_network(group: argparse._ArgumentGroup) -> None:
         "--use-distributed-post",
         action="store_true",
         default=False,
-        help="Spread HTTP posts to the engines over several processes.",
+        help="Post generations from --num-gpus-per-node rollout-worker processes (embedded stack), not one client.",
     )
 
 

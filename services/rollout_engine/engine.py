@@ -20,6 +20,7 @@ from services.core.process_group import init_weight_update_group
 from services.core.wire import SamplingParams
 from services.rollout_engine import metrics
 from services.rollout_engine.model import CausalLM, KVCache, ModelConfig
+from services.rollout_engine.on_policy import ON_POLICY_TARGETS, OnPolicyScorer
 from services.rollout_engine.requests import EngineRequest, GenerationParams, RequestError, Snapshot
 from services.rollout_engine.scheduler import MEMORY_TAGS, PAUSE_MODES, EngineLimits, Scheduler
 from services.rollout_engine.text import TextCodec
@@ -59,6 +60,8 @@ class EngineSettings:
     disable_cuda_graph: bool = False
     served_model_name: str | None = None
     weights_group_timeout_s: float = 600.0
+    # SGLang's true on-policy knob: "fsdp" makes returned log-probs those of the torch trainer's forward.
+    rl_on_policy_target: str | None = None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -111,6 +114,12 @@ class BuiltinEngine:
             )
         self.model = CausalLM(cfg, dtype, self.device, max_positions=context)
         load_initial_weights(self.model, self.model_path)
+        target = settings.rl_on_policy_target
+        if target is not None and target not in ON_POLICY_TARGETS:
+            raise ValueError(
+                f"--sglang-rl-on-policy-target {target!r}: valid: {', '.join(ON_POLICY_TARGETS)}"
+            )
+        on_policy = OnPolicyScorer(self.model, self.model_path) if target else None
         weight_bytes = sum(t.numel() * t.element_size() for t in self.model.tensors())
         per_slot = KVCache.bytes_per_token(cfg, dtype) * context
         budget_slots = _kv_budget_bytes(settings, self.device, weight_bytes) // per_slot
@@ -138,6 +147,7 @@ class BuiltinEngine:
             stop_token_lengths=scheduler_codec.stop_token_lengths,
             random_seed=settings.random_seed,
             use_cuda_graphs=self.device.type == "cuda" and not settings.disable_cuda_graph,
+            on_policy=on_policy,
         )
         self.served_model_name = settings.served_model_name or self.model_path
         self._in_flight: set[str] = set()
@@ -191,6 +201,7 @@ class BuiltinEngine:
             "max_running_requests": self.limits.max_running_requests,
             "chunked_prefill_size": self.limits.chunked_prefill_size,
             "random_seed": self.settings.random_seed,
+            "rl_on_policy_target": self.settings.rl_on_policy_target,
             "weight_version": self.weight_version,
             "skip_tokenizer_init": False,
             "architecture": cfg.architecture,

@@ -35,6 +35,11 @@ E2E_LATENCY = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 WEIGHT_VERSION = Info("slime_rollout_engine_weight_version", "Weight version the engine serves.")
+MEMORY_OCCUPATION = Counter(
+    "slime_rollout_engine_memory_occupation_total",
+    "release_memory_occupation / resume_memory_occupation operations, by action and memory tag.",
+    ["action", "tag"],
+)
 WEIGHT_UPDATES = Counter(
     "slime_rollout_engine_weight_updates_total",
     "Weight updates, by source and outcome.",

@@ -25,6 +25,7 @@ import torch
 from services.rollout_engine import metrics
 from services.rollout_engine.cuda_graphs import DecodeGraphs
 from services.rollout_engine.model import CausalLM, ForwardBatch, KVCache, PrefillSegment, StageCache
+from services.rollout_engine.on_policy import OnPolicyScorer
 from services.rollout_engine.requests import EngineRequest, Snapshot
 from services.rollout_engine.sampling import SamplingRow, sample
 
@@ -80,6 +81,7 @@ class Scheduler:
         random_seed: int = 0,
         use_cuda_graphs: bool = False,
         weight_version: str = "default",
+        on_policy: OnPolicyScorer | None = None,
     ):
         self.model = model
         self.limits = limits
@@ -88,6 +90,7 @@ class Scheduler:
         self._stop_token_lengths = stop_token_lengths
         self._rng = random.Random(random_seed)
         self.weight_version = weight_version
+        self.on_policy = on_policy
         self.kv: KVCache | None = self._new_kv_cache()
         self.graphs = (
             DecodeGraphs(model, limits.max_running_requests, limits.context_length)
@@ -99,6 +102,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.paused = False
         self.released: set[str] = set()
+        # The last memory operations, oldest first, with the weight version each saw (state(), for operators).
+        self.memory_log: collections.deque[dict[str, Any]] = collections.deque(maxlen=64)
         self._weight_backup: list[torch.Tensor] | None = None
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -180,6 +185,7 @@ class Scheduler:
         self.released.update(tags)
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
+        self._log_memory("release", tags)
 
     def resume_memory(self, tags: list[str]) -> None:
         if "weights" in tags and self._weight_backup is not None:
@@ -188,6 +194,12 @@ class Scheduler:
         if "kv_cache" in tags and self.kv is None:
             self.kv = self._new_kv_cache()
         self.released.difference_update(tags)
+        self._log_memory("resume", tags)
+
+    def _log_memory(self, action: str, tags: list[str]) -> None:
+        for tag in tags:
+            metrics.MEMORY_OCCUPATION.labels(action, tag).inc()
+        self.memory_log.append({"action": action, "tags": list(tags), "weight_version": self.weight_version})
 
     def apply_weights(self, apply: Callable[[], None], version: str | None) -> None:
         """Run ``apply`` (which copies validated tensors into the live weights) and set the weight version."""
@@ -207,6 +219,7 @@ class Scheduler:
             "max_total_num_tokens": self.limits.max_running_requests * self.limits.context_length,
             "paused": self.paused,
             "released_tags": sorted(self.released),
+            "memory_log": list(self.memory_log),
             "weight_version": self.weight_version,
         }
 
@@ -286,9 +299,23 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.stage = None
+        if self.on_policy is not None and seq.req.return_logprob and seq.output_ids:
+            self._on_policy_log_probs(seq)
         metrics.REQUESTS.labels(reason["type"]).inc()
         metrics.E2E_LATENCY.observe(time.perf_counter() - seq.arrived_at)
         self._emit(seq)
+
+    def _on_policy_log_probs(self, seq: Sequence) -> None:
+        """Replace the batched pass's output log-probs by the batch-invariant ones (true on-policy mode)."""
+        if self._weight_backup is not None:
+            # A request aborted while the weights are released keeps the log-probs it was sampled with.
+            logger.warning(
+                "request %s finished with the weights released; its log-probs are not rescored", seq.rid
+            )
+            return
+        seq.logprobs = self.on_policy.output_log_probs(
+            seq.all_ids, len(seq.output_ids), seq.req.params.temperature
+        )
 
     def _remove_running(self, seq: Sequence) -> None:
         """Keep running sequences in slots ``0..n-1``: the last one moves into the freed slot."""

@@ -36,6 +36,7 @@ BUILTIN_SGLANG_FIELDS = (
     "mem_fraction_static",
     "disable_cuda_graph",
     "served_model_name",
+    "rl_on_policy_target",
 )
 
 
@@ -138,6 +139,7 @@ def build_builtin_app(args: argparse.Namespace) -> FastAPI:
         random_seed=args.rollout_seed,
         disable_cuda_graph=bool(extra.get("disable_cuda_graph", False)),
         served_model_name=extra.get("served_model_name"),
+        rl_on_policy_target=extra.get("rl_on_policy_target"),
     )
     engine = BuiltinEngine(settings)
 

@@ -32,6 +32,13 @@ async def generate(args: Any, sample: Any, sampling_params: dict) -> Any:
     return result
 
 
+async def generate_recording_pid(args: Any, sample: Any, sampling_params: dict) -> Any:
+    """The default generate, marking each sample with the rollout-worker process that posted it."""
+    result = await default_generate(args, sample, sampling_params)
+    result.metadata["rollout_worker_pid"] = os.getpid()
+    return result
+
+
 async def reward(args: Any, sample: Any, **kwargs: Any) -> float:
     _record("reward", {"uid": sample.uid})
     return float(len(sample.response) % 2)

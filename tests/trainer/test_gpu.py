@@ -114,3 +114,79 @@ def test_cuda_ipc_and_nccl_weight_sync(tiny_model_dir, engines, tmp_path):
             report = trainer.update_weights([url], transport=transport, disk_dir=str(tmp_path))
             assert _gap(trainer, url) < 1e-4, transport
             assert report.buckets > 1
+
+
+def test_offload_frees_the_trainers_gpu_memory_and_changes_no_result(tmp_path):
+    from services.core.tiny_model import build_tiny_model, default_corpus
+
+    model = build_tiny_model(
+        tmp_path / "model", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024,
+        corpus=default_corpus(lines=200),
+    )  # fmt: skip
+    flags = ("--lr", "1e-3", "--lr-decay-style", "constant")
+    batches = [random_batch(8, seed=s) for s in range(2)]
+    with TorchTrainer(trainer_args(model, *flags)) as plain:
+        expected = [plain.train_step(b, rollout_id=i).steps for i, b in enumerate(batches)]
+        expected_params = plain.parameter_checksum()
+    with TorchTrainer(trainer_args(model, "--offload", *flags)) as trainer:
+        steps = [trainer.train_step(batches[0], rollout_id=0).steps]
+        resident = torch.cuda.memory_allocated()
+        left = trainer.offload()[0]
+        # Parameters and AdamW's two moments (3 × 4 bytes a parameter) leave the device.
+        params = sum(p.numel() for p in trainer.actor._local.model.parameters())
+        assert resident - left >= 3 * 4 * params, (resident, left, params)
+        assert trainer.onload()[0] >= resident - 1024
+        trainer.offload()
+        steps.append(trainer.train_step(batches[1], rollout_id=1).steps)
+        assert trainer.parameter_checksum() == pytest.approx(expected_params, rel=1e-6)
+    for ours, theirs in zip(steps, expected, strict=True):
+        assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], rel=1e-5, abs=1e-7)
+
+
+@two_gpus
+def test_nccl_push_from_an_offloaded_trainer_then_engine_log_probs_equal_the_trainers(tiny_model_dir):
+    """--offload with an on-policy engine on the other GPU: the engine sleeps while the trainer trains, the weights
+    go out over NCCL from host memory, and the engine's log-probs are the trainer's, bit for bit."""
+    from trainer.offload import EngineMemory
+
+    port = free_port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1"}
+    argv = [
+        sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(tiny_model_dir), "--port",
+        str(port), "--engine-backend", "builtin", "--engine-device", "cuda", "--engine-dtype", "float32",
+        "--kv-cache-memory-gb", "1", "--sglang-rl-on-policy-target", "fsdp",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(f"{url}/health", timeout=300)
+        memory = EngineMemory()
+        args = trainer_args(
+            tiny_model_dir, "--offload", "--lr", "5e-2", "--update-weight-buffer-size", "20000"
+        )
+        with TorchTrainer(args) as trainer:
+            memory.release([url])
+            trainer.train_step(random_batch(8, seed=5), rollout_id=0)
+            memory.push_weights(
+                [url], trainer, lambda: trainer.update_weights([url], transport="distributed")
+            )
+            assert trainer.offloaded
+            prompt = [5, 17, 33, 2, 9]
+            body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}
+            out = httpx.post(f"{url}/generate", json={**body, "return_logprob": True}, timeout=60).json()
+            out = out["meta_info"]["output_token_logprobs"]
+            batch = RolloutBatch(
+                tokens=[prompt + [t for _, t, *_ in out]],
+                response_lengths=[len(out)],
+                rewards=[0.0],
+                loss_masks=[[1] * len(out)],
+            )
+            ours = torch.tensor(trainer.compute_log_probs(batch)[0])
+            theirs = torch.tensor([lp for lp, *_ in out])
+            print(
+                f"NCCL push, on-policy engine vs trainer: max |diff| {(ours - theirs).abs().max().item():.3g}"
+            )
+            assert torch.equal(ours, theirs)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

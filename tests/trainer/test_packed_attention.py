@@ -64,3 +64,12 @@ def test_sequences_attend_only_to_themselves(policy: torch.nn.Module) -> None:
     assert torch.equal(before[:6], after[:6])
     assert torch.equal(before[12:], after[12:])
     assert not torch.equal(before[6:12], after[6:12])
+
+
+def test_packed_row_under_bf16_autocast(policy: torch.nn.Module) -> None:
+    ids, positions, bounds = _row([5, 9, 5], seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        packed = policy(input_ids=ids, position_ids=positions, packed_seq_bounds=bounds).logits[0]
+        alone = policy(input_ids=ids[:, 5:14], position_ids=positions[:, 5:14]).logits[0]
+    assert packed.dtype == alone.dtype
+    torch.testing.assert_close(packed[5:14].float(), alone.float(), rtol=0.05, atol=0.05)

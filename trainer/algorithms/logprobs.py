@@ -1,4 +1,5 @@
-"""Token log-probabilities and entropy on temperature-scaled logits, computed the way the rollout engine does.
+"""Token log-probabilities and entropy on temperature-scaled logits, computed the way the rollout engine does
+(``token_log_probs`` is shared with it: ``services/core/logprobs.py``).
 
 For logits z over the vocabulary and rollout temperature τ (``--rollout-temperature``):
 ``log π(y) = log_softmax(z / τ)[y]`` and ``H = −Σ_v p_v log p_v`` with ``p = softmax(z / τ)``, both in float32.
@@ -12,22 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from services.core.logprobs import token_log_probs
 
-def token_log_probs(
-    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(log_probs [T], entropy [T] | None)`` for logits ``[T, V]`` and target token ids ``[T]``."""
-    if temperature <= 0:
-        raise ValueError(f"--rollout-temperature must be > 0 to compute log-probs, got {temperature}")
-    scaled = logits.float()
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    log_softmax = torch.log_softmax(scaled, dim=-1)
-    log_probs = log_softmax.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)
-    return log_probs, entropy
+__all__ = ["packed_response_log_probs", "response_slices", "token_log_probs"]
 
 
 def response_slices(total_lengths: Sequence[int], response_lengths: Sequence[int]) -> list[tuple[int, int]]:

@@ -25,6 +25,7 @@ from services.core.plugins import load_function
 from services.core.sample import Sample
 from trainer.data import DatasetKeys, PromptDataset, RolloutDataSource
 from trainer.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput
+from trainer.rollout.distributed_post import live_posters, warn_if_single_poster
 from trainer.rollout.filters import DynamicFilterOutput
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ async def _generate_train(
     drops: Counter[str] = Counter()
     in_flight: dict[str, str] = {}
     late_groups = 0
+    submitted = 0
     started = time.monotonic()
     while len(kept) < target:
         while len(kept) + len(in_flight) < target:
@@ -167,6 +169,7 @@ async def _generate_train(
                 for group in groups
             ]
             entry_ids = await submit_tasks(ctx.redis, args.run_id, tasks)
+            submitted += len(tasks)
             in_flight.update({task.group_id: entry for task, entry in zip(tasks, entry_ids, strict=True)})
         fetched: list[FetchedGroup] = await ctx.train_buffer.lease(len(in_flight))
         for group in fetched:
@@ -190,6 +193,9 @@ async def _generate_train(
     metrics: dict[str, Any] = {f"rollout/dynamic_filter/drop_{reason}": n for reason, n in drops.items()}
     metrics["rollout/late_groups"] = late_groups
     metrics["perf/rollout_time"] = time.monotonic() - started
+    posters = await live_posters(ctx.redis, args.run_id)
+    metrics["perf/rollout_workers"] = len(posters)
+    warn_if_single_poster(args, posters, submitted)
     return RolloutFnTrainOutput(samples=kept, metrics=metrics)
 
 

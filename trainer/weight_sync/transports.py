@@ -191,11 +191,20 @@ class DistributedSender(WeightSender):
 
     def close(self) -> None:
         if self.group is not None:
-            with contextlib.suppress(Exception):
-                for engine in self.engines:
-                    engine.destroy_weights_update_group(self.group_name)
-            dist.destroy_process_group(self.group)
-            self.group = None
+            # Both sides at once, as the group was made: NCCL's teardown waits for its peers, so destroying ours
+            # only after every engine answered (or the reverse) deadlocks.
+            with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+                futures = [
+                    pool.submit(engine.destroy_weights_update_group, self.group_name)
+                    for engine in self.engines
+                ]
+                try:
+                    dist.destroy_process_group(self.group)
+                finally:
+                    self.group = None
+                    for future in futures:
+                        with contextlib.suppress(Exception):
+                            future.result()
         super().close()
 
 

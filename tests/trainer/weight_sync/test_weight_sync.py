@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -179,16 +180,77 @@ def test_first_step_on_engine_rollouts_is_exactly_on_policy(tiny_model_dir, engi
     assert abs(first["tis"] - 1.0) < 1e-5 and first["tis_clipfrac"] == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the built-in engine has no true-on-policy mode yet: its own decode kernels differ from the "
-    "transformers forward the trainer uses by about one float32 ulp on some tokens",
-)
-def test_true_on_policy_engine_and_trainer_log_probs_are_bitwise_equal(tiny_model_dir, engine_url, trainer):
-    _reset_engine(engine_url, tiny_model_dir)
-    batch = engine_rollout(engine_url)
-    args = trainer_args(tiny_model_dir, "--true-on-policy-mode", rollout_batch_size=1)
+@pytest.fixture(scope="module")
+def on_policy_engine_url(tiny_model_dir) -> Iterator[str]:
+    """An engine in true on-policy mode (what ``--true-on-policy-mode`` starts), on two threads (the trainer: one)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(tiny_model_dir)]
+    argv += ["--port", str(port), "--num-threads", "2", "--engine-backend", "builtin"]
+    proc = _serve([*argv, "--sglang-rl-on-policy-target", "fsdp"], f"http://127.0.0.1:{port}/health")
+    yield f"http://127.0.0.1:{port}"
+    _stop(proc)
+
+
+PROBE = [7, 3, 250, 12, 40, 41]
+# Batch compositions the probe request runs in: alone, with a few others, and inside a busy batch where GRPO-style
+# copies prefill together and requests leave at different steps.
+COMPOSITIONS = [
+    [(PROBE, 7)],
+    [(PROBE, 7), (PROMPTS[0], 3), (PROMPTS[1], 9)],
+    [
+        (PROBE, 7),
+        *[(PROMPTS[0], 2 + i) for i in range(4)],
+        (list(range(30, 52)), 5),
+        (PROMPTS[1], 11),
+        ([9], 4),
+    ],
+]
+
+
+def concurrent_rollout(url: str, requests: list[tuple[list[int], int]], temperature: float) -> RolloutBatch:
+    """Send every ``(prompt, max_new_tokens)`` at once (request i seeded with i) and keep the engine's log-probs."""
+
+    def one(i: int, prompt: list[int], max_new: int) -> list:
+        params = {
+            "temperature": temperature,
+            "max_new_tokens": max_new,
+            "ignore_eos": True,
+            "sampling_seed": i,
+        }
+        body = {"input_ids": prompt, "sampling_params": params, "return_logprob": True}
+        return httpx.post(f"{url}/generate", json=body, timeout=60).json()["meta_info"][
+            "output_token_logprobs"
+        ]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        outs = list(pool.map(lambda item: one(item[0], *item[1]), enumerate(requests)))
+    return RolloutBatch(
+        tokens=[
+            prompt + [tok for _, tok, *_ in out] for (prompt, _), out in zip(requests, outs, strict=True)
+        ],
+        response_lengths=[len(out) for out in outs],
+        rewards=[0.0] * len(requests),
+        loss_masks=[[1] * len(out) for out in outs],
+        rollout_log_probs=[[lp for lp, *_ in out] for out in outs],
+    )
+
+
+def test_true_on_policy_engine_and_trainer_log_probs_are_bitwise_equal(tiny_model_dir, on_policy_engine_url):
+    args = trainer_args(
+        tiny_model_dir, "--true-on-policy-mode", "--rollout-temperature", "0.7", "--lr", "5e-2", "--lr-decay-style",
+        "constant",
+    )  # fmt: skip
+    assert args.sglang_passthrough["rl_on_policy_target"] == "fsdp"
     with TorchTrainer(args) as exact:
-        ours = exact.compute_log_probs(batch)
-    assert max_gap_of(ours, batch) < 1e-5
-    assert ours == batch.rollout_log_probs
+        # Trained weights, pushed over the distributed transport: the engine no longer serves the checkpoint.
+        exact.train_step(random_batch(8, seed=3), rollout_id=0)
+        exact.update_weights([on_policy_engine_url], transport="distributed")
+        probes = []
+        for requests in COMPOSITIONS:
+            batch = concurrent_rollout(on_policy_engine_url, requests, temperature=0.7)
+            ours = exact.compute_log_probs(batch)
+            for mine, theirs in zip(ours, batch.rollout_log_probs, strict=True):
+                assert torch.equal(torch.tensor(mine), torch.tensor(theirs))
+            probes.append((batch.tokens[0], batch.rollout_log_probs[0]))
+    # The seeded probe came out the same in every batch it shared.
+    assert all(probe == probes[0] for probe in probes)

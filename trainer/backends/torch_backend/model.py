@@ -47,7 +47,7 @@ def packed_sdpa_attention(
     if len(starts_by_length) == 1 and len(next(iter(starts_by_length.values()))) == 1:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     batch, heads, total, head_dim = query.shape
-    out = query.new_empty(batch, total, heads, head_dim)
+    out: torch.Tensor | None = None
     for length, starts in starts_by_length.items():
         # [n, L] token positions of the n sequences of this length; gathered to [n, heads, L, head_dim].
         positions = torch.tensor(starts, device=query.device)[:, None] + torch.arange(
@@ -55,6 +55,9 @@ def packed_sdpa_attention(
         )
         q, k, v = (t[0][:, positions].transpose(0, 1) for t in (query, key, value))
         attended = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+        if out is None:
+            # SDPA's dtype, which under autocast need not be the query's.
+            out = attended.new_empty(batch, total, heads, head_dim)
         out[0, positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
     return out, None
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import httpx
 import torch
 
-from services.core.net import free_port
+from services.core.net import free_port, tls_context
 from trainer import checkpoint
 from trainer.backends.batch import RolloutBatch
 from trainer.backends.torch_backend.group import WorkerGroup
@@ -83,6 +83,7 @@ class TorchTrainer:
     - ``export_hf(dir)``: a Hugging Face model directory;
     - ``update_weights(engines, …)``: push the weights to engine base URLs;
     - ``register_state(name, obj)``: driver state (``state_dict``/``load_state_dict``) saved with checkpoints;
+    - ``offload()`` / ``onload()``: model and optimizer state to host memory and back (``--offload``);
     - ``close()``: stop the ranks.
     """
 
@@ -97,7 +98,8 @@ class TorchTrainer:
         self._registered: dict[str, Stateful] = {}
         self._sync_port: int | None = None
         self._sync_engines: tuple[str, ...] = ()
-        self.actor = WorkerGroup(args, role=ACTOR, world_size=args.actor_num_gpus_per_node)
+        self._offloaded = False
+        self.actor = self._actor_group(args)
         self.critic: WorkerGroup | None = None
         try:
             if args.use_critic:
@@ -112,13 +114,43 @@ class TorchTrainer:
             self.actor.close()
             raise
 
+    def _actor_group(self, args: Any) -> WorkerGroup:
+        """The actor's ranks (the Megatron backend starts its own kind)."""
+        return WorkerGroup(args, role=ACTOR, world_size=args.actor_num_gpus_per_node)
+
+    # ------------------------------------------------------------------------------------------ offload
+    @property
+    def offloaded(self) -> bool:
+        return self._offloaded
+
+    def offload(self) -> list[int]:
+        """``--offload``: every rank's model and optimizer state to host memory (slime's ``sleep``); the weights can
+        still be pushed. Returns the bytes each actor rank still holds on its device."""
+        if self.critic is not None:
+            self.critic.call("offload")
+        self._offloaded = True
+        return self.actor.call("offload")
+
+    def onload(self) -> list[int]:
+        """Back on the devices (slime's ``wake_up``); every pass that needs the model does this first."""
+        if self.critic is not None:
+            self.critic.call("onload")
+        self._offloaded = False
+        return self.actor.call("onload")
+
+    def _ready(self) -> None:
+        if self._offloaded:
+            self.onload()
+
     # ------------------------------------------------------------------------------------------ training
     def compute_log_probs(self, batch: RolloutBatch) -> list[list[float]]:
         """Response log-probs (temperature-scaled, as the engine reports them) of every sample in ``batch``."""
+        self._ready()
         return _merge(self.actor.call("compute_log_probs", batch), len(batch))
 
     def train_step(self, batch: RolloutBatch, rollout_id: int) -> TrainResult:
         """Train on one rollout: ``--num-steps-per-rollout`` optimizer steps of ``--global-batch-size`` samples."""
+        self._ready()
         result = TrainResult(rollout_id=rollout_id)
         values = None
         if self.critic is not None:
@@ -153,6 +185,7 @@ class TorchTrainer:
         """Checkpoint model, optimizer, schedule, RNG, rollout id, weight version and the registered state."""
         if self.args.save is None:
             raise ValueError("saving a checkpoint needs --save: the directory to save to")
+        self._ready()
         start = time.perf_counter()
         directory = checkpoint.iteration_dir(self.args.save, rollout_id)
         self.actor.call("save", str(directory))
@@ -179,6 +212,7 @@ class TorchTrainer:
         step = checkpoint.resolve_iteration(args.load, options.get("ckpt_step"), flag="--load")
         if step is None:
             return None
+        self._ready()
         load_optimizer = not options.get("no_load_optim", False)
         load_rng = not options.get("no_load_rng", False)
         directory = checkpoint.iteration_dir(args.load, step)
@@ -206,6 +240,7 @@ class TorchTrainer:
 
     def export_hf(self, out_dir: str, *, dtype: str | None = None) -> Path:
         """Write the actor as a Hugging Face model directory (config, safetensors, tokenizer)."""
+        self._ready()
         return Path(self.actor.call("export_hf", out_dir, dtype)[0])
 
     def parameter_checksum(self) -> list[float]:
@@ -333,6 +368,8 @@ def publish_weight_version(router_url: str, version: str, *, auth_token: str | N
         json={"weight_version": version},
         headers=headers,
         timeout=30.0,
+        verify=tls_context(),
+        trust_env=False,
     )
     if response.status_code >= 400:
         raise RuntimeError(

@@ -37,6 +37,7 @@ from trainer.data_packing import (
     pack_sequences,
     partition_for_dp,
 )
+from trainer.memory_snapshot import MemoryHistory
 from trainer.weight_sync.engine_client import EngineClient
 from trainer.weight_sync.transports import (
     DiskSender,
@@ -128,6 +129,7 @@ class TrainWorker:
         self.rank = rank
         self.world_size = world_size
         self.device = _pick_device(rank + (dist_init.gpu_offset if dist_init is not None else 0))
+        self.memory_history = MemoryHistory.start(args, rank=rank, role=role, device=self.device)
         self.group: dist.ProcessGroup | None = None
         if world_size > 1:
             if dist_init is None:
@@ -189,6 +191,8 @@ class TrainWorker:
                 self.stores["ref"] = self._load_reference()
             self._reset_old_actor_stores()
         self.local: LocalRollout | None = None
+        # --offload: model and optimizer state live in host memory between trainings (see offload()).
+        self.offloaded = False
         self.senders: dict[tuple[str, tuple[str, ...], int | None], WeightSender] = {}
         logger.info(
             "%s rank %d/%d on %s: %s from %s",
@@ -678,6 +682,35 @@ class TrainWorker:
         )
         return str(path)
 
+    # ---------------------------------------------------------------------------------------- offload
+    def offload(self) -> int:
+        """slime's sleep (``--offload``): parameters and optimizer state to host memory, the device's cache freed
+        for the engines. On a CPU rank the host is the device and nothing moves. Returns the bytes torch still
+        holds allocated on the device."""
+        if not self.offloaded and self.device.type == "cuda":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.to("cpu")
+            self._move_optimizer_state(torch.device("cpu"))
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        self.offloaded = True
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def onload(self) -> int:
+        """slime's wake-up: parameters and optimizer state back on the device before a training pass."""
+        if self.offloaded and self.device.type == "cuda":
+            self.model.to(self.device)
+            self._move_optimizer_state(self.device)
+        self.offloaded = False
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _move_optimizer_state(self, device: torch.device) -> None:
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                # AdamW's step counter stays on the host (this backend runs it neither fused nor capturable).
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(device, non_blocking=True)
+
     # ------------------------------------------------------------------------------------- weight push
     def _sender(self, request: WeightPushRequest, buckets: list[list[str]]) -> WeightSender | None:
         """The sender of this rank for ``request`` (None when this rank has no engine to feed)."""
@@ -741,8 +774,15 @@ class TrainWorker:
         start = time.perf_counter()
         if sender is not None:
             sender.begin(request.version)
+        # An offloaded model sends from host memory, one bucket on the device at a time.
+        staged = self.offloaded and self.device.type == "cuda"
+
+        def full(name: str) -> torch.Tensor:
+            tensor = params[name].detach()
+            return model_lib.full_tensor(tensor.to(self.device) if staged else tensor)
+
         for names in buckets:
-            bucket = [(name, model_lib.full_tensor(params[name].detach())) for name in names]
+            bucket = [(name, full(name)) for name in names]
             if dtype is not None:
                 bucket = [(name, tensor.to(dtype)) for name, tensor in bucket]
             if sender is not None:
@@ -774,6 +814,9 @@ class TrainWorker:
             self.stores["old_actor"].update_from(self.model)
 
     def shutdown(self) -> None:
+        if self.memory_history is not None:
+            self.memory_history.stop()
+            self.memory_history = None
         for sender in self.senders.values():
             with contextlib.suppress(Exception):
                 sender.close()

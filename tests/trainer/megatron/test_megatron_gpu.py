@@ -1,0 +1,229 @@
+"""The Megatron backend on CUDA with megatron-core: the same log-probs, loss and first update as the torch backend
+on the same model and batch, Hugging Face weights out bitwise, checkpoint resume, tensor and data
+parallelism matching one rank, and ``slime train --train-backend megatron`` end to end with NCCL weight sync.
+Skipped without a GPU or without megatron-core; the parallel and end-to-end cases need two GPUs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.core.tiny_model import build_tiny_model, default_corpus
+from tests.trainer.helpers import random_batch, trainer_args
+from trainer import checkpoint
+from trainer.backends.torch_backend import TorchTrainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="needs megatron-core"),
+]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+
+ROOT = Path(__file__).resolve().parents[3]
+STEP = (
+    "--global-batch-size",
+    "8",
+    "--micro-batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--use-kl-loss",
+    "--kl-loss-coef",
+    "0.1",
+)
+
+
+def report(**values: float) -> None:
+    """Measured figures, one line each, for whoever reads the test log."""
+    for key, value in values.items():
+        print(f"MEGATRON-CHECK {key}={value:.6g}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("megatron") / "qwen2",
+        arch="qwen2",
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        corpus=default_corpus(lines=200),
+    )
+
+
+def _megatron(model_dir: Path, *flags: str):
+    from trainer.backends.megatron_backend.trainer import MegatronTrainer
+
+    return MegatronTrainer(trainer_args(model_dir, *STEP, *flags, "--train-backend", "megatron"))
+
+
+def _state(trainer, directory: Path) -> dict[str, torch.Tensor]:
+    # Through a Hugging Face export: the ranks live in other processes.
+    return checkpoint.read_hf_weights(trainer.export_hf(str(directory)), flag="export")
+
+
+def _run(trainer, batch, directory: Path) -> dict:
+    lp0 = trainer.compute_log_probs(batch)
+    state0 = _state(trainer, directory / "before")
+    step = trainer.train_step(batch, rollout_id=0).steps[0]
+    state1 = _state(trainer, directory / "after")
+    lp1 = trainer.compute_log_probs(batch)
+    return {"lp0": lp0, "lp1": lp1, "step": step, "state0": state0, "state1": state1}
+
+
+def _flat(lps: list[list[float]]) -> torch.Tensor:
+    return torch.tensor([x for lp in lps for x in lp], dtype=torch.float64)
+
+
+def _delta(run: dict) -> torch.Tensor:
+    return torch.cat(
+        [(run["state1"][k].double() - run["state0"][k].double()).flatten() for k in sorted(run["state0"])]
+    )
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_megatron_matches_the_torch_backend(model_dir, precision, tmp_path):
+    flags = ("--bf16",) if precision == "bf16" else ()
+    batch = random_batch(8, seed=3, prompt=(4, 12), response=(4, 12))
+    with TorchTrainer(trainer_args(model_dir, *STEP, *flags)) as torch_trainer:
+        ref = _run(torch_trainer, batch, tmp_path / "torch")
+    with _megatron(model_dir, *flags) as mg_trainer:
+        got = _run(mg_trainer, batch, tmp_path / "megatron")
+    lp_ref, lp_got = _flat(ref["lp0"]), _flat(got["lp0"])
+    after_ref, after_got = _flat(ref["lp1"]), _flat(got["lp1"])
+    cosine = torch.nn.functional.cosine_similarity(_delta(got), _delta(ref), dim=0).item()
+    figures = {
+        "logprob_mean_rel": _rel(lp_got.mean().item(), lp_ref.mean().item()),
+        "logprob_max_abs": (lp_got - lp_ref).abs().max().item(),
+        "loss_rel": _rel(got["step"]["loss"], ref["step"]["loss"]),
+        "grad_norm_rel": _rel(got["step"]["grad_norm"], ref["step"]["grad_norm"]),
+        "update_cosine": cosine,
+        "logprob_after_step_mean_rel": _rel(after_got.mean().item(), after_ref.mean().item()),
+    }
+    report(**{f"{precision}_{k}": v for k, v in figures.items()})
+    assert got["step"]["ppo_kl"] == 0.0 and got["step"]["kl_loss"] == 0.0
+    assert figures["logprob_mean_rel"] < 1e-3
+    assert figures["loss_rel"] < 1e-3
+    assert figures["logprob_after_step_mean_rel"] < 1e-3
+    # bf16 parameters round away part of a 1e-3 step, so their measured update is noisier.
+    assert cosine > (0.99 if precision == "fp32" else 0.95)
+    if precision == "fp32":
+        assert figures["logprob_max_abs"] < 1e-4 and figures["grad_norm_rel"] < 1e-3
+        # Hugging Face → Megatron → Hugging Face, gathered on the GPU: bitwise.
+        original = checkpoint.read_hf_weights(model_dir, flag="--hf-checkpoint")
+        assert sorted(got["state0"]) == sorted(original)
+        assert all(torch.equal(got["state0"][k], original[k]) for k in original)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "megatron-core 0.19.2 without TransformerEngine/Apex (plain torch AdamW): loading a fully reshardable "
+        "distributed-optimizer checkpoint looks up a 'step' tensor that its loader never provides (KeyError in "
+        "_set_main_param_and_optimizer_states); seen on 2x H200"
+    ),
+)
+def test_checkpoint_resume_continues_the_same_run(model_dir, tmp_path):
+    flags = ("--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"))
+    first, second = random_batch(8, seed=5), random_batch(8, seed=6)
+    with _megatron(model_dir, *flags) as trainer:
+        assert trainer.load() is None
+        trainer.train_step(first, rollout_id=0)
+        trainer.save(0)
+        saved = trainer.parameter_checksum()
+        continued = trainer.train_step(second, rollout_id=1).steps[0]
+        continued_sum = trainer.parameter_checksum()
+    with _megatron(model_dir, *flags) as resumed:
+        assert resumed.load() == 0
+        assert resumed.parameter_checksum() == saved
+        again = resumed.train_step(second, rollout_id=1).steps[0]
+        assert resumed.parameter_checksum() == pytest.approx(continued_sum, rel=1e-6)
+    assert again["loss"] == pytest.approx(continued["loss"], rel=1e-6)
+    assert again["lr"] == continued["lr"]
+    assert (tmp_path / "ckpt" / "iter_0000000" / "model" / "metadata.json").is_file()
+
+
+@two_gpus
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_two_gpus_give_the_loss_of_one(model_dir, layout):
+    batch = random_batch(8, seed=7, prompt=(4, 12), response=(4, 12))
+    with _megatron(model_dir) as single:
+        one_lp = _flat(single.compute_log_probs(batch))
+        one = single.train_step(batch, rollout_id=0).steps[0]
+        one_sum = single.parameter_checksum()
+    flags = ["--actor-num-gpus-per-node", "2"]
+    if layout == "tp2":
+        flags += ["--tensor-model-parallel-size", "2"]
+    with _megatron(model_dir, *flags) as double:
+        two_lp = _flat(double.compute_log_probs(batch))
+        two = double.train_step(batch, rollout_id=0).steps[0]
+        two_sum = double.parameter_checksum()
+    report(
+        **{
+            f"{layout}_logprob_max_abs": (two_lp - one_lp).abs().max().item(),
+            f"{layout}_loss_rel": _rel(two["loss"], one["loss"]),
+            f"{layout}_grad_norm_rel": _rel(two["grad_norm"], one["grad_norm"]),
+        }
+    )
+    assert (two_lp - one_lp).abs().max().item() < 1e-4
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+    assert two_sum == pytest.approx(one_sum, rel=1e-5)
+
+
+@two_gpus
+def test_slime_train_with_megatron_and_nccl_weight_sync(model_dir, tmp_path):
+    from trainer.quickstart.task import split_problems, write_jsonl
+
+    train, _ = split_problems(9, eval_size=4)
+    write_jsonl(train, tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    argv = [
+        "train", "--train-backend", "megatron",
+        "--hf-checkpoint", str(model_dir),
+        "--prompt-data", str(tmp_path / "train.jsonl"), "--input-key", "prompt", "--label-key", "label",
+        "--rm-type", "math",
+        "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--num-rollout", "3",
+        "--rollout-max-response-len", "6",
+        "--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
+        "--lr", "1e-4", "--use-kl-loss", "--kl-loss-coef", "0.01",
+        "--output-dir", str(out), "--run-id", out.name, "--port", "0", "--log-level", "INFO",
+        "--save-debug-rollout-data", str(out / "debug" / "rollout_{rollout_id}.pt"),
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rollouts = [r for r in records if "rollout/step" in r]
+    assert [r["rollout_id"] for r in rollouts] == [0, 1, 2]
+    assert rollouts[0]["train/kl_loss"] == 0.0 and rollouts[0]["train/ppo_kl"] == 0.0
+    assert all(r["perf/weight_sync_seconds"] > 0 for r in rollouts)
+    for rollout_id in range(3):
+        samples = torch.load(out / "debug" / f"rollout_{rollout_id}.pt", weights_only=False)["samples"]
+        assert all(s["weight_versions"] == [str(rollout_id + 1)] for s in samples)
+    assert "(nccl, 2 ranks)" in result.stderr
+    assert "megatron rank 0/1" in result.stderr
+    report(
+        e2e_first_kl_loss=rollouts[0]["train/kl_loss"],
+        e2e_weight_sync_seconds=rollouts[-1]["perf/weight_sync_seconds"],
+    )

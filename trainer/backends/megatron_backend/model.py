@@ -1,0 +1,330 @@
+"""megatron-core's ``GPTModel`` built from a Hugging Face config: parallel state, the layer spec (megatron-core's
+local modules with a packed-sequence SDPA core attention), Hugging Face weights in and out, forward passes on
+packed rows with vocabulary-parallel logits gathered and the vocabulary padding cut off.
+
+Imported only by the Megatron backend's ranks: it needs megatron-core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as mpu
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module, MegatronModule
+
+from trainer.backends.megatron_backend import convert
+from trainer.backends.megatron_backend.config import Architecture
+from trainer.data_packing import PackedBatch
+
+logger = logging.getLogger(__name__)
+
+
+class PackedSDPAttention(MegatronModule):
+    """Core attention for megatron-core's local spec through ``torch.nn.functional.scaled_dot_product_attention``
+    (flash or memory-efficient kernels on GPU), causal, with packed (``thd``) rows attended one sequence at a
+    time, as the torch backend does; megatron-core's own ``DotProductAttention`` refuses packed rows and
+    materialises the full score matrix."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: Any = None,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config=config)
+        self.scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # [s, b, heads, dim] -> [b, heads, s, dim]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
+        )
+        return out.permute(2, 0, 1, 3)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: Any = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("PackedSDPAttention does not take an attention bias")
+        if packed_seq_params is None:
+            out = self._attend(query, key, value)  # [s, b, heads, dim]
+            return out.reshape(out.shape[0], out.shape[1], -1)
+        # thd: [t, heads, dim], sequences delimited by cu_seqlens.
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        parts = [
+            self._attend(query[s:e, None], key[s:e, None], value[s:e, None])[:, 0]
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+            if e > s
+        ]
+        out = torch.cat(parts)
+        return out.reshape(out.shape[0], -1)
+
+
+def megatron_available() -> bool:
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def initialize_parallel(
+    *,
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    timeout_minutes: int,
+    tp_size: int,
+    pp_size: int,
+    ep_size: int,
+    seed: int,
+) -> None:
+    """The default (NCCL) process group and megatron-core's model-parallel groups."""
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=pp_size,
+        expert_model_parallel_size=ep_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return TransformerConfig(
+        **arch.transformer_config_kwargs(),
+        activation_func=F.silu,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        deterministic_mode=bool(args.deterministic_mode),
+    )
+
+
+def build_gpt_model(arch: Architecture, config: TransformerConfig) -> GPTModel:
+    """The bare ``GPTModel`` (not yet on the GPU, weights uninitialised)."""
+    s = arch.shape
+    spec = get_gpt_layer_local_spec(
+        num_experts=s.num_experts or None,
+        moe_grouped_gemm=False,
+        qk_layernorm=s.qk_norm,
+        normalization="RMSNorm",
+    )
+    spec.submodules.self_attention.submodules.core_attention = PackedSDPAttention
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=s.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=s.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rotary_base),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+
+
+def wrap_fp16(model: GPTModel, config: TransformerConfig) -> torch.nn.Module:
+    """bf16 params with fp32 outputs (megatron-core's ``Float16Module``), or the model itself in fp32."""
+    return Float16Module(config, model) if config.bf16 else model
+
+
+def unwrap(model: torch.nn.Module) -> GPTModel:
+    while not isinstance(model, GPTModel):
+        model = model.module
+    return model
+
+
+# ---------------------------------------------------------------------------------------- naming
+def global_name(name: str, shape: convert.ModelShape) -> str:
+    """A parameter name of this rank's ``GPTModel`` → the full model's name (experts numbered globally)."""
+    marker = "mlp.experts.local_experts."
+    if marker not in name:
+        return name
+    ep_size = mpu.get_expert_model_parallel_world_size()
+    if ep_size == 1:
+        return name
+    head, tail = name.split(marker)
+    local, rest = tail.split(".", 1)
+    per_rank = shape.num_experts // ep_size
+    return f"{head}{marker}{int(local) + mpu.get_expert_model_parallel_rank() * per_rank}.{rest}"
+
+
+def _tp_group_of(name: str) -> tuple[Any, int, int]:
+    if ".mlp.experts." in name:
+        return (
+            mpu.get_expert_tensor_parallel_group(),
+            mpu.get_expert_tensor_parallel_world_size(),
+            mpu.get_expert_tensor_parallel_rank(),
+        )
+    return (
+        mpu.get_tensor_model_parallel_group(),
+        mpu.get_tensor_model_parallel_world_size(),
+        mpu.get_tensor_model_parallel_rank(),
+    )
+
+
+# ------------------------------------------------------------------------------------ weights in/out
+def local_shards(
+    model: torch.nn.Module, mg_full: Mapping[str, torch.Tensor], shape: convert.ModelShape
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of every parameter of ``model`` (keyed by ``model.named_parameters()`` names), cut from a
+    full Megatron state dict."""
+    out = {}
+    gpt_prefix = _gpt_prefix(model)
+    for name, param in model.named_parameters():
+        mg_name = global_name(name.removeprefix(gpt_prefix), shape)
+        if mg_name not in mg_full:
+            raise KeyError(f"Megatron parameter {mg_name!r} missing from the converted weights")
+        _, tp_size, tp_rank = _tp_group_of(mg_name)
+        shard = convert.split_for_tp(mg_name, mg_full[mg_name], tp_size)[tp_rank]
+        if shard.shape != param.shape:
+            raise ValueError(
+                f"{mg_name}: converted shard {tuple(shard.shape)} != parameter {tuple(param.shape)}"
+            )
+        out[name] = shard
+    return out
+
+
+@torch.no_grad()
+def load_hf_state(
+    model: torch.nn.Module, hf_state: Mapping[str, torch.Tensor], shape: convert.ModelShape
+) -> None:
+    """Copy Hugging Face weights into this rank's parameters."""
+    shards = local_shards(model, convert.hf_to_megatron(hf_state, shape), shape)
+    for name, param in model.named_parameters():
+        param.copy_(shards[name])
+
+
+def _gpt_prefix(model: torch.nn.Module) -> str:
+    prefix = ""
+    while not isinstance(model, GPTModel):
+        prefix += "module."
+        model = model.module
+    return prefix
+
+
+def iter_full_megatron_params(
+    model: torch.nn.Module, shape: convert.ModelShape
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter in full (TP shards all-gathered; with expert parallelism, every rank's experts), by
+    Megatron name. A collective: every rank of the model must iterate to the end."""
+    prefix = _gpt_prefix(model)
+    ep_size = mpu.get_expert_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        mg_name = global_name(name.removeprefix(prefix), shape)
+        group, tp_size, _ = _tp_group_of(mg_name)
+        tensor = param.detach()
+        if tp_size > 1 and convert.tp_split_dim(mg_name) is not None:
+            shards = [torch.empty_like(tensor) for _ in range(tp_size)]
+            dist.all_gather(shards, tensor.contiguous(), group=group)
+            tensor = convert.gather_from_tp(mg_name, shards)
+        if ep_size > 1 and ".mlp.experts.local_experts." in mg_name:
+            gathered = [torch.empty_like(tensor) for _ in range(ep_size)]
+            dist.all_gather(gathered, tensor.contiguous(), group=mpu.get_expert_model_parallel_group())
+            head, tail = mg_name.split("local_experts.")
+            rest = tail.split(".", 1)[1]
+            local = int(tail.split(".", 1)[0]) % (shape.num_experts // ep_size)
+            per_rank = shape.num_experts // ep_size
+            for r, t in enumerate(gathered):
+                yield f"{head}local_experts.{local + r * per_rank}.{rest}", t
+            continue
+        yield mg_name, tensor
+
+
+def iter_hf_params(model: torch.nn.Module, shape: convert.ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter by its Hugging Face name, in full, vocabulary padding stripped (collective)."""
+    for mg_name, tensor in iter_full_megatron_params(model, shape):
+        yield from convert.megatron_param_to_hf(mg_name, tensor, shape)
+
+
+def megatron_param_sizes(
+    model: torch.nn.Module, shape: convert.ModelShape, dtype: torch.dtype | None
+) -> list[tuple[str, int]]:
+    """(Megatron name, bytes in full) of every tensor ``iter_full_megatron_params`` yields, in its order, without
+    communication: what weight-sync buckets are planned from."""
+    prefix = _gpt_prefix(model)
+    ep_size = mpu.get_expert_model_parallel_world_size()
+    out = []
+    for name, param in model.named_parameters():
+        mg_name = global_name(name.removeprefix(prefix), shape)
+        _, tp_size, _ = _tp_group_of(mg_name)
+        numel = param.numel() * (tp_size if convert.tp_split_dim(mg_name) is not None else 1)
+        nbytes = numel * (param.element_size() if dtype is None else dtype.itemsize)
+        if ep_size > 1 and ".mlp.experts.local_experts." in mg_name:
+            head, tail = mg_name.split("local_experts.")
+            local, rest = tail.split(".", 1)
+            per_rank = shape.num_experts // ep_size
+            local_index = int(local) % per_rank
+            out.extend(
+                (f"{head}local_experts.{local_index + r * per_rank}.{rest}", nbytes) for r in range(ep_size)
+            )
+        else:
+            out.append((mg_name, nbytes))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ forward
+def packed_seq_params(lengths: list[int], device: torch.device) -> PackedSeqParams:
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    longest = max(lengths)
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+
+
+def forward_logits(model: torch.nn.Module, packed: PackedBatch, *, vocab_size: int) -> torch.Tensor:
+    """Logits ``[T, vocab_size]`` (float32) of one packed row: vocabulary-parallel shards all-gathered, padding
+    rows of the vocabulary dropped."""
+    logits = model(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        attention_mask=None,
+        packed_seq_params=packed_seq_params(list(packed.total_lengths), packed.input_ids.device),
+    )
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return logits[0, :, :vocab_size].float()

@@ -1,0 +1,466 @@
+"""One rank of the Megatron backend: a tensor-parallel shard of megatron-core's ``GPTModel`` under Megatron's
+``DistributedDataParallel`` and optimizer.
+
+It is the torch backend's ``TrainWorker`` with the model, the forward pass, the optimizer step, checkpoints,
+export and the weight push replaced: the data schedule (DP partition, micro-batches, dynamic batching), the
+log-prob, advantage and loss passes (``trainer.algorithms``) and the weight-sync transports are the same code.
+``self.rank`` / ``self.world_size`` / ``self.group`` are the data-parallel ones, so everything inherited splits
+data and reduces metrics over data-parallel ranks only; tensor-parallel peers compute the same values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint
+from trainer.algorithms.advantages import AdvantageConfig
+from trainer.algorithms.loss import LossConfig
+from trainer.algorithms.reduction import normalizer
+from trainer.algorithms.tis import load_tis_function
+from trainer.backends.megatron_backend import convert, torch_format
+from trainer.backends.megatron_backend import model as mg_model
+from trainer.backends.megatron_backend.config import architecture_from_hf, check_megatron_args
+from trainer.backends.torch_backend import model as model_lib
+from trainer.backends.torch_backend.optim import LRSchedule, OptimizerConfig
+from trainer.backends.torch_backend.worker import (
+    ACTOR,
+    DistInit,
+    LocalRollout,
+    TrainWorker,
+    WeightPushReport,
+    WeightPushRequest,
+)
+from trainer.data_packing import pack_sequences
+from trainer.weight_sync.transports import WeightSender, plan_buckets
+
+logger = logging.getLogger(__name__)
+
+
+def _load_hook(path: str | None, flag: str) -> Any:
+    if not path:
+        return None
+    from services.core.plugins import load_function
+
+    return load_function(path, flag=flag)
+
+
+class MegatronTrainWorker(TrainWorker):
+    """One rank of the actor (tensor × data parallel)."""
+
+    def __init__(
+        self, args: Any, *, role: str, rank: int, world_size: int, dist_init: DistInit | None
+    ) -> None:
+        if role != ACTOR:
+            raise ValueError(
+                "--train-backend megatron trains the actor only; the PPO critic runs with --train-backend fsdp"
+            )
+        if dist_init is None:
+            raise ValueError("a Megatron rank needs a rendezvous address")
+        from megatron.core import parallel_state as mpu
+        from transformers import AutoConfig
+
+        self.args = args
+        self.role = role
+        self.global_rank = rank
+        self.global_world_size = world_size
+        self.device = torch.device("cuda", (rank + dist_init.gpu_offset) % torch.cuda.device_count())
+        torch.cuda.set_device(self.device)
+        tp = args.tensor_model_parallel_size
+        mg_model.initialize_parallel(
+            rank=rank,
+            world_size=world_size,
+            master_addr=dist_init.master_addr,
+            master_port=dist_init.master_port,
+            timeout_minutes=dist_init.timeout_minutes,
+            tp_size=tp,
+            pp_size=1,
+            ep_size=args.expert_model_parallel_size,
+            seed=args.seed,
+        )
+        self.rank = mpu.get_data_parallel_rank()
+        self.world_size = mpu.get_data_parallel_world_size()
+        self.group = mpu.get_data_parallel_group() if self.world_size > 1 else None
+        self.tp_rank = mpu.get_tensor_model_parallel_rank()
+        if args.deterministic_mode:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(args.seed)
+        init_hook = _load_hook(args.custom_megatron_init_path, "--custom-megatron-init-path")
+        if init_hook is not None:
+            init_hook(args)
+
+        self.hf_config = AutoConfig.from_pretrained(args.hf_checkpoint)
+        self.architecture = (getattr(self.hf_config, "architectures", None) or ["Qwen2ForCausalLM"])[0]
+        self.arch = architecture_from_hf(
+            self.hf_config,
+            padded_vocab=args.padded_vocab_size,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tp_size=tp,
+        )
+        self.shape = self.arch.shape
+        check_megatron_args(args, self.arch)
+        convert.check_tp_compatible(self.shape, tp)
+        self.compute_dtype = torch.bfloat16 if args.bf16 else None
+        self.config = mg_model.transformer_config(self.arch, args)
+        self.model, self.optimizer = self._build()
+
+        self.steps_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+        total_steps = args.num_rollout * self.steps_per_rollout if args.num_rollout else None
+        self.optim_config = OptimizerConfig.from_args(args, role=role, total_steps=total_steps)
+        # The same schedule as the torch backend, applied to Megatron's parameter groups; it is what the
+        # before-train-step hook receives as ``opt_param_scheduler``.
+        self.schedule = LRSchedule(self.optimizer, self.optim_config)
+        self.loss_config = LossConfig.from_args(args)
+        self.adv_config = AdvantageConfig.from_args(args)
+        self.tis_fn = (
+            functools.partial(load_tis_function(args.custom_tis_function_path), args)
+            if args.use_tis
+            else None
+        )
+        self.custom_loss = _load_hook(
+            args.custom_loss_function_path if args.loss_type == "custom_loss" else None,
+            "--custom-loss-function-path",
+        )
+        self.before_log_prob_hook = _load_hook(
+            args.custom_megatron_before_log_prob_hook_path, "--custom-megatron-before-log-prob-hook-path"
+        )
+        self.before_train_step_hook = _load_hook(
+            args.custom_megatron_before_train_step_hook_path, "--custom-megatron-before-train-step-hook-path"
+        )
+        self._store_prefix = ""
+        self._rollout_id = 0
+        self._step_id = 0
+
+        self.stores: dict[str, model_lib.TensorStore] = {}
+        if args.kl_coef != 0 or args.use_kl_loss:
+            self.stores["ref"] = self._load_reference()
+        self._reset_old_actor_stores()
+        self.local: LocalRollout | None = None
+        self.senders: dict[tuple[str, tuple[str, ...], int | None], WeightSender] = {}
+        logger.info(
+            "megatron rank %d/%d (TP %d/%d, DP %d/%d) on %s: %s from %s",
+            rank,
+            world_size,
+            self.tp_rank,
+            tp,
+            self.rank,
+            self.world_size,
+            self.device,
+            self.architecture,
+            args.hf_checkpoint,
+        )
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _build(self) -> tuple[torch.nn.Module, Any]:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        args = self.args
+        gpt = mg_model.build_gpt_model(self.arch, self.config)
+        mg_model.load_hf_state(
+            gpt, checkpoint.read_hf_weights(args.hf_checkpoint, flag="--hf-checkpoint"), self.shape
+        )
+        gpt.cuda(self.device)
+        wrapped = mg_model.wrap_fp16(gpt, self.config)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=True,
+        )
+        model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=wrapped)
+        model.eval()  # no dropout anywhere: RL log-probs must be reproducible
+        optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam",
+                lr=args.lr,
+                min_lr=args.min_lr,
+                weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1,
+                adam_beta2=args.adam_beta2,
+                adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad,
+                bf16=args.bf16,
+                params_dtype=self.config.params_dtype,
+                use_distributed_optimizer=True,
+            ),
+            [model],
+        )
+        return model, optimizer
+
+    def _initial_weights_path(self) -> str:
+        return self.args.hf_checkpoint
+
+    def _load_reference(self) -> model_lib.TensorStore:
+        """``--ref-load`` as a checkpoint of this backend, a ``slime convert`` Megatron checkpoint or a Hugging
+        Face directory; else the initial weights."""
+        ref_load = self.args.ref_load
+        if ref_load is None:
+            return model_lib.TensorStore.snapshot(self.model)
+        own = model_lib.TensorStore.snapshot(self.model)
+        if torch_format.is_release_checkpoint(ref_load):
+            full, _, _ = torch_format.read(ref_load)
+            self._load_full_megatron(full)
+        elif checkpoint.is_checkpoint_root(ref_load):
+            step = checkpoint.resolve_iteration(ref_load, self.args.ref_ckpt_step, flag="--ref-load")
+            self._dist_load(checkpoint.iteration_dir(ref_load, step) / "model", load_optimizer=False)
+        else:
+            mg_model.load_hf_state(
+                self.model, checkpoint.read_hf_weights(ref_load, flag="--ref-load"), self.shape
+            )
+        ref = model_lib.TensorStore.snapshot(self.model)
+        own.load_into(self.model)
+        logger.info("reference model: %s", ref_load)
+        return ref
+
+    @torch.no_grad()
+    def _load_full_megatron(self, full: dict[str, torch.Tensor]) -> None:
+        shards = mg_model.local_shards(self.model, full, self.shape)
+        for name, param in self.model.named_parameters():
+            param.copy_(shards[name])
+
+    # ----------------------------------------------------------------------------------------- forwards
+    def _forward(self, local: LocalRollout, positions: list[int]) -> torch.Tensor:
+        packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
+        return mg_model.forward_logits(self.model, packed, vocab_size=self.shape.vocab_size)
+
+    def _with_weights(self, tag: str) -> contextlib.AbstractContextManager[None]:
+        inner = super()._with_weights(tag)
+
+        @contextlib.contextmanager
+        def tagged() -> Iterator[None]:
+            self._store_prefix = f"{tag}_"
+            try:
+                with inner:
+                    yield
+            finally:
+                self._store_prefix = ""
+
+        return tagged()
+
+    def _log_prob_pass(self, local: LocalRollout, *, with_entropy: bool):
+        if self.before_log_prob_hook is not None:
+            self.before_log_prob_hook(self.args, self.model, self._store_prefix)
+        return super()._log_prob_pass(local, with_entropy=with_entropy)
+
+    # -------------------------------------------------------------------------------------------- train
+    def train(self, rollout_id: int) -> dict[str, Any]:
+        self._rollout_id = rollout_id
+        self._step_id = 0
+        return super().train(rollout_id)
+
+    def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
+        from megatron.core.distributed import finalize_model_grads
+
+        per_token = self.loss_config.per_token
+        step_positions = [i for mb in micro_batches for i in mb]
+        denominator = self._all_reduce(
+            [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
+        )[0]
+        denominator = max(denominator, 1.0)
+        # Megatron's DDP averages gradients over data-parallel ranks, as FSDP does in the torch backend.
+        scale = self.world_size / denominator
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if self.before_train_step_hook is not None:
+            self.before_train_step_hook(
+                self.args, self._rollout_id, self._step_id, self.model, self.optimizer, self.schedule
+            )
+        sums: dict[str, float] = {}
+        for positions in micro_batches:
+            loss, metrics = self._micro_batch_loss(local, positions)
+            (loss * scale).backward()
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        finalize_model_grads([self.model])
+        keys = sorted(sums)
+        totals = self._all_reduce([sums[k] for k in keys])
+        out = {k: v / denominator for k, v in zip(keys, totals, strict=True)}
+        success, grad_norm, _ = self.optimizer.step()
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        out["lr"] = self.schedule.lr
+        if not success:
+            logger.warning("non-finite gradients, optimizer step skipped")
+            out["skipped_step"] = 1.0
+        self.schedule.step()
+        self._step_id += 1
+        return out
+
+    # ---------------------------------------------------------------------------------------- weights
+    def parameter_checksum(self) -> list[float]:
+        total = torch.zeros(2, dtype=torch.float64)
+        for _, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
+            t = tensor.double().cpu()
+            total += torch.stack([t.sum(), t.square().sum()])
+        return total.tolist()
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter by Hugging Face name on global rank 0 (host memory); a collective."""
+        state = {}
+        for name, tensor in mg_model.iter_hf_params(self.model, self.shape):
+            if self.global_rank == 0:
+                state[name] = tensor.cpu().clone()
+        return state
+
+    def export_hf(self, out_dir: str, dtype: str | None = None) -> str | None:
+        state = self.full_state()
+        if self.global_rank != 0:
+            return None
+        path = checkpoint.write_hf_checkpoint(
+            out_dir,
+            state,
+            config=self.hf_config,
+            architecture=self.architecture,
+            tokenizer_source=self.args.hf_checkpoint,
+            dtype=None if dtype is None else getattr(torch, dtype),
+        )
+        return str(path)
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def _sharded_state(self, *, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
+        model_state = self.model.module.sharded_state_dict()
+        state: dict[str, Any] = {"model": model_state}
+        if with_optimizer:
+            # Saved fully reshardable: a run can resume with another data-parallel size.
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_state,
+                is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+            )
+        return state
+
+    def _world_barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, directory: str) -> None:
+        """Model and optimizer in Megatron's distributed checkpoint format (``iter_N/model``), plus per-rank RNG
+        and schedule state."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(directory)
+        if self.global_rank == 0:
+            # A rollout saved again (a run resumed before its next save) starts from an empty directory.
+            shutil.rmtree(path / "model", ignore_errors=True)
+            (path / "model").mkdir(parents=True)
+        self._world_barrier()
+        dist_checkpointing.save(
+            self._sharded_state(with_optimizer=True, is_loading=False), str(path / "model")
+        )
+        checkpoint.save_rank_state(
+            path / f"rank_{self.global_rank:05d}.pt",
+            {"rng": checkpoint.rng_state(), "schedule": self.schedule.state_dict()},
+        )
+        self._world_barrier()
+
+    def _init_empty_optimizer_state(self) -> None:
+        """Zero AdamW state at step 0 for every parameter that has none (a run that has not stepped yet).
+
+        Without TransformerEngine or Apex, megatron-core's distributed optimizer wraps plain torch AdamW and reads a
+        ``step`` from every parameter's state when it builds the state dict to load into; its own initialiser sets
+        the moments but no step. What is made here is what loading then overwrites.
+        """
+        for wrapped in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(wrapped, "optimizer", None)
+            if not isinstance(inner, torch.optim.Optimizer):
+                continue
+            for group in inner.param_groups:
+                on_device = group.get("fused") or group.get("capturable")
+                for param in group["params"]:
+                    state = inner.state[param]
+                    if "step" in state:
+                        continue
+                    state["step"] = torch.tensor(
+                        0.0, dtype=torch.float32, device=param.device if on_device else None
+                    )
+                    state.setdefault("exp_avg", torch.zeros_like(param))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param))
+
+    def _dist_load(self, path: Path, *, load_optimizer: bool) -> None:
+        from megatron.core import dist_checkpointing
+
+        if load_optimizer:
+            self._init_empty_optimizer_state()
+        state = dist_checkpointing.load(
+            self._sharded_state(with_optimizer=load_optimizer, is_loading=True), str(path)
+        )
+        self.model.module.load_state_dict(state["model"])
+        if load_optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def load(self, directory: str, *, load_optimizer: bool, load_rng: bool) -> None:
+        path = Path(directory)
+        self._dist_load(path / "model", load_optimizer=load_optimizer)
+        if load_optimizer:
+            rank_file = path / f"rank_{self.global_rank:05d}.pt"
+            state = checkpoint.load_rank_state(rank_file if rank_file.is_file() else path / "rank_00000.pt")
+            self.schedule.load_state_dict(state["schedule"])
+            if load_rng and rank_file.is_file():
+                checkpoint.set_rng_state(state["rng"])
+        self._reset_old_actor_stores()
+        self._world_barrier()
+
+    # ------------------------------------------------------------------------------------- weight push
+    def _sender(self, request: WeightPushRequest, buckets: list[list[str]]) -> WeightSender | None:
+        # One tensor-parallel rank per data-parallel replica feeds engines; its peers only help gather.
+        if self.tp_rank != 0:
+            return None
+        return super()._sender(request, buckets)
+
+    def push_weights(self, request: WeightPushRequest) -> WeightPushReport | None:
+        """Gather each parameter over tensor (and expert) parallel ranks, convert it to Hugging Face names and
+        push bucket by bucket (``--update-weight-buffer-size``); global rank 0's report."""
+        dtype = self.compute_dtype
+        sizes = mg_model.megatron_param_sizes(self.model, self.shape, dtype)
+        buckets = plan_buckets(sizes, self.args.update_weight_buffer_size)
+        last_of_bucket = {names[-1] for names in buckets}
+        sender = self._sender(request, buckets)
+        start = time.perf_counter()
+        if sender is not None:
+            sender.begin(request.version)
+        pending: list[tuple[str, torch.Tensor]] = []
+        for mg_name, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
+            if sender is not None:
+                converted = convert.megatron_param_to_hf(mg_name, tensor, self.shape)
+                pending.extend((n, t if dtype is None else t.to(dtype)) for n, t in converted)
+            if mg_name in last_of_bucket:
+                if sender is not None:
+                    sender.send(pending)
+                pending = []
+        if sender is not None:
+            sender.finish()
+        self._world_barrier()
+        seconds = time.perf_counter() - start
+        sent = self._all_reduce([sender.bytes_sent if sender is not None else 0])[0]
+        if self.args.keep_old_actor:
+            self._advance_old_actor()
+        if self.global_rank != 0:
+            return None
+        return WeightPushReport(
+            transport=request.transport,
+            version=request.version,
+            bytes=int(sent),
+            seconds=seconds,
+            buckets=len(buckets),
+        )
+
+    def shutdown(self) -> None:
+        for sender in self.senders.values():
+            with contextlib.suppress(Exception):
+                sender.close()
+        self.senders.clear()
+        from megatron.core import parallel_state as mpu
+
+        with contextlib.suppress(Exception):
+            mpu.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.group = None
