@@ -484,8 +484,9 @@ def _serve_processes(args: argparse.Namespace, port: int) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     failed = False
-    while any(child.is_alive() for child in children):
-        multiprocessing.connection.wait([child.sentinel for child in children if child.is_alive()])
+    while alive := [child for child in children if child.is_alive()]:
+        # With a timeout: a child may end between the check and the wait, and waiting on nothing blocks forever.
+        multiprocessing.connection.wait([child.sentinel for child in alive], timeout=1.0)
         dead = [
             child for child in children if not child.is_alive() and child.exitcode not in (0, -signal.SIGTERM)
         ]
