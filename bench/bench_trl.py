@@ -147,13 +147,14 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
     return Result("TRL GRPOTrainer (CPU)", _per_step(stamps), total, score)
 
 
-def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
-    """``slime train`` on the embedded stack with the demo's flags and the benchmark's settings."""
+def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, command: str = "train") -> Result:
+    """``slime train`` (or ``train-async``: the next rollout generated while the trainer trains, one step
+    off-policy) on the embedded stack with the demo's flags and the benchmark's settings."""
     from trainer.demo import demo_flags
     from trainer.quickstart.evaluate import accuracy_of_dir
 
-    out = work / "slime"
-    export = work / "slime_model"
+    out = work / f"slime-{command}"
+    export = work / f"slime-{command}-model"
     flags = [
         *demo_flags(settings.quickstart_dir),
         "--num-rollout", str(settings.steps),
@@ -172,7 +173,7 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "services.cli", "train", *flags], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "services.cli", command, *flags], cwd=ROOT, env=env, check=True)
     total = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stamps = [r["time"] for r in records if "rollout/step" in r]
@@ -186,7 +187,7 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem]) -> Result
         )
         for seed in EVAL_SEEDS
     )
-    return Result("slime train (embedded stack)", _per_step(stamps), total, score)
+    return Result(f"slime {command} (embedded stack)", _per_step(stamps), total, score)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,21 +233,25 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         trl_result = run_trl(settings, work, held_out)
         slime_result = run_slime(settings, work, held_out)
+        async_result = run_slime(settings, work, held_out, command="train-async")
     import trl
 
     rows = [
         f"{'':32} {'s/step':>8} {'total s':>8} {'held-out acc':>13}",
         f"{'warm start (before)':32} {'':>8} {'':>8} {before:>13.1%}",
     ]
-    for result in (trl_result, slime_result):
+    for result in (trl_result, slime_result, async_result):
         rows.append(
             f"{result.name:32} {result.seconds_per_step:>8.2f} {result.total_seconds:>8.1f} "
             f"{result.accuracy_after:>13.1%}"
         )
     ratio = trl_result.seconds_per_step / slime_result.seconds_per_step
-    rows.append(
-        f"slime is {ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} per RL step than TRL {trl.__version__}"
-    )
+    async_ratio = trl_result.seconds_per_step / async_result.seconds_per_step
+    for name, value in (("slime train", ratio), ("slime train-async", async_ratio)):
+        rows.append(
+            f"{name}: {value:.2f}x TRL {trl.__version__}'s speed per RL step "
+            f"({'faster' if value >= 1 else 'slower'})"
+        )
     sys.stdout.write("\n".join(rows) + "\n")
     if opts.json:
         opts.json.write_text(
@@ -254,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "settings": asdict(settings),
                     "accuracy_before": before,
-                    "results": [asdict(trl_result), asdict(slime_result)],
+                    "results": [asdict(trl_result), asdict(slime_result), asdict(async_result)],
                     "speedup": ratio,
+                    "speedup_async": async_ratio,
                     "trl_version": trl.__version__,
                 },
                 indent=2,

@@ -248,6 +248,8 @@ class RLRun:
         for rollout_id in tqdm(range(start, end), desc="rollouts", unit="rollout", disable=None):
             if self.mode == ASYNC:
                 samples, rollout_metrics = pending.result()
+                # Against the weights these samples train, not those current when their generation ended.
+                rollout_metrics.update(self._staleness_metrics(samples))
                 self.data_state.snapshot = self.data_source.state_dict()
                 pending = run_in_background(self._rollout, rollout_id + 1) if rollout_id + 1 < end else None
             else:
@@ -280,6 +282,21 @@ class RLRun:
         if args.ci_test and args.ci_metric_checker_key:
             self._check_ci_metric()
         return self.history
+
+    def _staleness_metrics(self, samples: list[Sample]) -> dict[str, float]:
+        """How many weight versions behind the trainer's current one each sample's oldest token is."""
+        current = self.trainer.weight_version if self.trainer else 0
+        staleness = [
+            current - min(int(v) for v in s.weight_versions)
+            for s in samples
+            if s.weight_versions and all(str(v).isdigit() for v in s.weight_versions)
+        ]
+        if not staleness:
+            return {}
+        return {
+            "rollout/staleness_mean": statistics.fmean(staleness),
+            "rollout/staleness_max": max(staleness),
+        }
 
     @staticmethod
     def _status_line(record: dict[str, Any]) -> str:
@@ -338,12 +355,6 @@ class RLRun:
         n = args.n_samples_per_prompt
         groups = [rewards[i : i + n] for i in range(0, len(rewards), n)]
         response_tokens = sum(s.response_length for s in samples)
-        current = self.trainer.weight_version if self.trainer else 0
-        staleness = [
-            current - min(int(v) for v in s.weight_versions)
-            for s in samples
-            if s.weight_versions and all(str(v).isdigit() for v in s.weight_versions)
-        ]
         metrics: dict[str, Any] = {
             "rollout/raw_reward": statistics.fmean(rewards),
             "rollout/response_lengths": statistics.fmean(s.response_length for s in samples),
@@ -353,9 +364,7 @@ class RLRun:
             "perf/rollout_time": seconds,
             "perf/tokens_per_second": response_tokens / seconds if seconds > 0 else 0.0,
         }
-        if staleness:
-            metrics["rollout/staleness_mean"] = statistics.fmean(staleness)
-            metrics["rollout/staleness_max"] = max(staleness)
+        metrics.update(self._staleness_metrics(samples))
         if args.advantage_estimator != "ppo":
             metrics.update(zero_std_metrics(groups))
         if args.log_passrate:

@@ -256,6 +256,9 @@ def test_async_run_survives_an_engine_killed_mid_rollout(workdir: Path) -> None:
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     assert [r["rollout_id"] for r in _records(out, "rollout/step")] == [0, 1, 2, 3]
+    # Each rollout after the first was generated while the previous one trained: one version behind the weights
+    # that train on it.
+    assert [r["rollout/staleness_max"] for r in _records(out, "rollout/step")] == [0, 1, 1, 1]
     restarted = json.loads(manifest_path.read_text())["engine-0"]["pid"]
     assert restarted != victim
     assert "relaunching" in stderr
