@@ -272,6 +272,10 @@ class RolloutWorker:
         params = copy.deepcopy(task.sampling_params)
         if getattr(self.args, "sglang_enable_deterministic_inference", False):
             params["sampling_seed"] = self.args.rollout_seed + index
+        elif params.get("sampling_seed") is not None:
+            # A task's seed (evaluation sets one, for answers that repeat across evaluations) is the group's:
+            # one seed for every sample would give the n samples of a prompt the same answer.
+            params["sampling_seed"] = int(params["sampling_seed"]) + index
         return params
 
     async def _generate_batch_and_rm(

@@ -40,6 +40,8 @@ def demo_flags(quickstart_dir: Path = QUICKSTART_DIR) -> list[str]:
         "--apply-chat-template",
         "--rollout-shuffle",
         "--rm-type", "math",
+        # An answer cut at --rollout-max-response-len (it never ended its turn) scores 0: see trainer/quickstart/reward.py.
+        "--custom-reward-post-process-path", "trainer.quickstart.reward.truncated_answers_score_zero",
         "--advantage-estimator", "grpo",
         "--num-rollout", "50",
         "--rollout-batch-size", "16",
@@ -48,8 +50,7 @@ def demo_flags(quickstart_dir: Path = QUICKSTART_DIR) -> list[str]:
         "--rollout-max-response-len", "8",
         "--rollout-temperature", "1.0",
         "--micro-batch-size", "32",
-        # The KL loss to the warm start keeps what the reward does not check, ending the answer with the
-        # end-of-turn token, from drifting: without it the policy stops ending its answers after ~30 rollouts.
+        # The KL loss to the warm start keeps the policy near the model the held-out problems were measured on.
         "--use-kl-loss",
         "--kl-loss-coef", "0.05",
         "--kl-loss-type", "low_var_kl",

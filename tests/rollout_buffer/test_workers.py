@@ -300,3 +300,38 @@ async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
         assert sample.status == Sample.Status.TRUNCATED and isinstance(sample.reward, float)
     # Sampled independently: the four answers to one prompt are not all the same.
     assert len({tuple(s.tokens) for s in samples[1:]}) > 1
+
+
+async def test_a_seeded_group_gives_each_sample_its_own_seed(
+    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client
+) -> None:
+    """Evaluation seeds its tasks (the same answers at every evaluation); the n samples of a prompt still differ."""
+    args = parse_args(_worker_argv(stack, redis_server.url))
+    store = BufferStore(redis_client, StoreLimits())
+    queue = task_queue(redis_client, "default")
+
+    async def answers(group_id: str) -> list[tuple[int, ...]]:
+        task = RolloutTask(
+            group_id=group_id,
+            rollout_id=0,
+            samples=[Sample(prompt="5+5=", label="10", uid=f"{group_id}-{i}", index=i) for i in range(4)],
+            sampling_params={
+                "max_new_tokens": 8,
+                "temperature": 1.0,
+                "ignore_eos": True,
+                "sampling_seed": 11,
+            },
+        )
+        await submit_tasks(redis_client, "default", [task])
+
+        async def drained() -> bool:
+            return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
+
+        await _run_in_process(args, store, drained)
+        [group] = (await store.lease("default", 5)).groups
+        await store.ack("default", [group.lease_id])
+        return [tuple(Sample.from_dict(item).tokens) for item in group.items]
+
+    first, again = await answers("seeded-a"), await answers("seeded-b")
+    assert len(set(first)) > 1  # not one answer four times
+    assert first == again  # and the same four answers for the same seed
