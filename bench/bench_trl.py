@@ -4,12 +4,15 @@ stack: Redis, two engines, router, reward model, rollout buffer), same settings,
     python bench/bench_trl.py [--steps 20] [--prompts-per-step 16] [--group-size 8]
 
 Both start from ``examples/quickstart/model`` and train on ``examples/quickstart/train.jsonl`` with the same group
-size, prompts per step, response length, temperature, learning rate, loss (GRPO, sequence-mean, a KL loss to the starting model with coefficient ``--kl-coef``: TRL's ``beta``
-with its k3 estimator, slime's ``--kl-loss-coef`` with ``low_var_kl``, the same estimator clipped) and number
-of steps. Seconds per RL step are measured the same way for both: from the end of the first step to the end of
-the last, divided by the steps in between (start-up, the first step's warm-up and the final evaluation excluded).
-Held-out accuracy is measured for both final models by one evaluator (``trainer.quickstart.evaluate``: the
-``math`` grader on ``eval.jsonl``, sampled at the rollout temperature, four answers per problem).
+size, prompts per step, response length, temperature, learning rate, loss (GRPO, sequence-mean, a KL loss to the
+starting model with coefficient ``--kl-coef``: TRL's ``beta`` with its k3 estimator, slime's ``--kl-loss-coef``
+with ``low_var_kl``, the same estimator clipped) and number of steps; an answer that never ends its turn scores 0
+for both (the demo's reward post-processing). Seconds per RL step are measured the same way for all: from the end
+of the first step to the end of the last, divided by the steps in between (start-up, the first step's warm-up and
+the final evaluation excluded). Held-out accuracy is measured for every final model by one evaluator
+(``trainer.quickstart.evaluate``: the ``math`` grader on ``eval.jsonl``, sampled at the rollout temperature, four
+answers per problem). ``slime train-async`` (the next rollout generated while the trainer trains, with
+``--use-tis``) runs as a third entry.
 """
 
 from __future__ import annotations
@@ -85,8 +88,16 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
         [{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]} for r in rows]
     )
 
-    def math_reward(completions: list, label: list[str], **_: object) -> list[float]:
-        return [float(grade_math(c[0]["content"], y)) for c, y in zip(completions, label, strict=True)]
+    stop_ids: set[int] = set()
+
+    def math_reward(
+        completions: list, label: list[str], completion_ids: list[list[int]], **_: object
+    ) -> list[float]:
+        # As the demo's reward post-processing does for slime: an answer that never ends its turn scores 0.
+        return [
+            float(grade_math(c[0]["content"], y)) if stop_ids & set(ids) else 0.0
+            for c, y, ids in zip(completions, label, completion_ids, strict=True)
+        ]
 
     stamps: list[float] = []
 
@@ -122,6 +133,8 @@ def run_trl(settings: Settings, work: Path, held_out: list[Problem]) -> Result:
     )
     tokenizer = AutoTokenizer.from_pretrained(settings.quickstart_dir / "model")
     model = AutoModelForCausalLM.from_pretrained(settings.quickstart_dir / "model", dtype=torch.float32)
+    eos = model.generation_config.eos_token_id
+    stop_ids.update(eos if isinstance(eos, list) else [eos])
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=math_reward,
@@ -170,6 +183,9 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, comman
         "--run-id", "bench-trl",
         "--save-hf", str(export),
         "--log-level", "WARNING",
+        # One step off-policy: truncated importance sampling against the rollout's own log-probs, as slime
+        # recommends for asynchronous training.
+        *(["--use-tis"] if command == "train-async" else []),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
