@@ -57,10 +57,14 @@ def _check_flags(args: argparse.Namespace, prog: str) -> None:
 
     import torch
 
+    from services.core.process_group import training_backend
     from trainer import memory_snapshot
     from trainer.rollout.distributed_post import poster_count
 
     try:
+        training_backend(
+            args.distributed_backend, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         poster_count(args)
         memory_snapshot.check_flags(args, cuda_available=torch.cuda.is_available())
     except ValueError as exc:

@@ -1,9 +1,11 @@
-"""The weight-update process group both sides of a weight sync join: the trainer as rank 0, engines after it."""
+"""The weight-update process group both sides of a weight sync join (the trainer as rank 0, engines after it), and
+the training ranks' backend choice."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 
@@ -48,3 +50,21 @@ def init_weight_update_group(
     )
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+# torch.distributed's backends (the ones a build may have).
+DISTRIBUTED_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl")
+
+
+def training_backend(requested: str, device: torch.device) -> str:
+    """The training ranks' torch.distributed backend for ``--distributed-backend``: as given, except that NCCL (the
+    default) becomes gloo on CPU ranks, where NCCL cannot run."""
+    backend = (requested or "nccl").lower()
+    if backend not in DISTRIBUTED_BACKENDS:
+        raise ValueError(
+            f"--distributed-backend {requested!r}: not a torch.distributed backend "
+            f"(one of {', '.join(DISTRIBUTED_BACKENDS)})"
+        )
+    if backend == "nccl" and device.type != "cuda":
+        return "gloo"
+    return backend

@@ -33,6 +33,7 @@ def _error(*flags: str) -> str:
         (["--use-distributed-post", "--num-gpus-per-node", "0"], "--num-gpus-per-node"),
         (["--record-memory-history", "--memory-snapshot-path", "dir/x.pickle"], "--memory-snapshot-path"),
         (["--use-tensorboard"], "--tb-project-name"),
+        (["--distributed-backend", "nccl2"], "--distributed-backend"),
     ],
 )
 def test_bad_flags_stop_the_driver_naming_the_flag(
@@ -53,3 +54,17 @@ def test_megatron_only_flags_with_the_fsdp_backend_are_called_out(caplog: pytest
     with caplog.at_level(logging.WARNING, logger=driver.__name__):
         driver._check_flags(args, "slime train")
     assert "--use-routing-replay, --model-name: read only by --train-backend megatron" in caplog.text
+
+
+def test_distributed_backend_is_honoured_except_nccl_on_cpu() -> None:
+    import torch
+
+    from services.core.process_group import training_backend
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert training_backend("nccl", cpu) == "gloo"  # the seed's default, where NCCL cannot run
+    assert training_backend("nccl", gpu) == "nccl"
+    assert training_backend("gloo", gpu) == "gloo"
+    assert training_backend("GLOO", cpu) == "gloo"
+    with pytest.raises(ValueError, match="--distributed-backend 'gl00'"):
+        training_backend("gl00", cpu)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from services.core.process_group import training_backend
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig, compute_advantages_and_returns
 from trainer.algorithms.logprobs import packed_response_log_probs, response_slices
@@ -138,7 +139,7 @@ class TrainWorker:
                 # Ranks share the host's cores; oversubscribed thread pools slow every rank down (torchrun
                 # likewise defaults each process to a share of the cores).
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            backend = training_backend(args.distributed_backend, self.device)
             dist.init_process_group(
                 backend,
                 init_method=f"tcp://{dist_init.master_addr}:{dist_init.master_port}",
