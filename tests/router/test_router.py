@@ -177,7 +177,9 @@ def test_registry_survives_a_router_restart_and_is_shared_by_two_replicas(
 
 
 def test_a_thousand_concurrent_requests_and_a_group_on_one_worker(start_router, echo_upstreams) -> None:
-    upstreams = echo_upstreams(3)
+    # The prompts share a prefix, so cache_aware keeps them on one worker until its in-flight load is out of
+    # balance; answers that take 0.5 s make that happen however fast or slow the host serves them.
+    upstreams = echo_upstreams(3, latency=0.5)
     # Probes get more time here: a thousand requests at once keep the engines' event loops busy.
     router = start_router(
         "--policy",

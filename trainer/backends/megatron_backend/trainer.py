@@ -5,21 +5,13 @@ export_hf, update_weights, register_state, close) over Megatron ranks, which alw
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
-import sys
-from multiprocessing.connection import Connection
 from typing import Any
 
-from services.core.child import wrap
-from services.core.net import free_port
 from trainer.backends.torch_backend.group import WorkerGroup
 from trainer.backends.torch_backend.trainer import TorchTrainer
-from trainer.backends.torch_backend.worker import ACTOR, DistInit
+from trainer.backends.torch_backend.worker import ACTOR
 
 logger = logging.getLogger(__name__)
-
-RANK_MODULE = "trainer.backends.megatron_backend.rank"
 
 
 def require_megatron(prog: str = "slime train") -> None:
@@ -76,36 +68,11 @@ def check_parallelism(args: Any) -> None:
 class MegatronWorkerGroup(WorkerGroup):
     """The actor's Megatron ranks, one child process per GPU, even for one rank."""
 
-    def __init__(self, args: Any, *, world_size: int, gpu_offset: int = 0) -> None:
-        self.role = ACTOR
-        self.world_size = world_size
-        self._local = None
-        self._procs: list[subprocess.Popen] = []
-        self._conns: list[Connection] = []
-        dist_init = DistInit(
-            master_addr="127.0.0.1",
-            master_port=free_port(),
-            timeout_minutes=args.distributed_timeout_minutes,
-            gpu_offset=gpu_offset,
-        )
-        try:
-            self._spawn(args, dist_init)
-        except BaseException:
-            self.close()
-            raise
-        logger.info("megatron actor: %d ranks started (first GPU %d)", world_size, gpu_offset)
+    rank_module = "trainer.backends.megatron_backend.rank"
+    single_rank_in_process = False
 
-    def _spawn(self, args: Any, dist_init: DistInit) -> None:
-        log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        for _ in range(self.world_size):
-            ours, theirs = socket.socketpair()
-            with theirs:
-                argv = [sys.executable, "-m", RANK_MODULE, str(theirs.fileno())]
-                self._procs.append(subprocess.Popen(wrap(argv), pass_fds=[theirs.fileno()]))
-            self._conns.append(Connection(ours.detach()))
-        for rank, conn in enumerate(self._conns):
-            conn.send((args, self.role, rank, self.world_size, dist_init, log_level))
-        self._collect(timeout_s=600.0)
+    def __init__(self, args: Any, *, world_size: int, gpu_offset: int = 0) -> None:
+        super().__init__(args, role=ACTOR, world_size=world_size, gpu_offset=gpu_offset)
 
 
 def actor_gpu_offset(args: Any) -> int:

@@ -311,19 +311,8 @@ class MegatronTrainWorker(TrainWorker):
                 state[name] = tensor.cpu().clone()
         return state
 
-    def export_hf(self, out_dir: str, dtype: str | None = None) -> str | None:
-        state = self.full_state()
-        if self.global_rank != 0:
-            return None
-        path = checkpoint.write_hf_checkpoint(
-            out_dir,
-            state,
-            config=self.hf_config,
-            architecture=self.architecture,
-            tokenizer_source=self.args.hf_checkpoint,
-            dtype=None if dtype is None else getattr(torch, dtype),
-        )
-        return str(path)
+    def _writes_files(self) -> bool:
+        return self.global_rank == 0
 
     # -------------------------------------------------------------------------------------- checkpoints
     def _sharded_state(self, *, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
@@ -435,22 +424,10 @@ class MegatronTrainWorker(TrainWorker):
                 if sender is not None:
                     sender.send(pending)
                 pending = []
-        if sender is not None:
-            sender.finish()
+        return self._finish_push(request, sender, start, len(buckets))
+
+    def _push_barrier(self) -> None:
         self._world_barrier()
-        seconds = time.perf_counter() - start
-        sent = self._all_reduce([sender.bytes_sent if sender is not None else 0])[0]
-        if self.args.keep_old_actor:
-            self._advance_old_actor()
-        if self.global_rank != 0:
-            return None
-        return WeightPushReport(
-            transport=request.transport,
-            version=request.version,
-            bytes=int(sent),
-            seconds=seconds,
-            buckets=len(buckets),
-        )
 
     def shutdown(self) -> None:
         for sender in self.senders.values():

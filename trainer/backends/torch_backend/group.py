@@ -34,6 +34,10 @@ class WorkerGroup:
     """The ranks of the actor or the critic. ``call`` runs a ``TrainWorker`` method on every rank and returns
     the per-rank results in rank order."""
 
+    # The module each rank process runs, and whether a single rank may run in the trainer's own process.
+    rank_module = "trainer.backends.torch_backend.rank"
+    single_rank_in_process = True
+
     def __init__(self, args: Any, *, role: str, world_size: int, gpu_offset: int = 0) -> None:
         self.role = role
         self.world_size = world_size
@@ -46,7 +50,7 @@ class WorkerGroup:
             timeout_minutes=args.distributed_timeout_minutes,
             gpu_offset=gpu_offset,
         )
-        if world_size == 1:
+        if world_size == 1 and self.single_rank_in_process:
             self._local = TrainWorker(args, role=role, rank=0, world_size=1, dist_init=dist_init)
             return
         try:
@@ -61,19 +65,8 @@ class WorkerGroup:
         for _ in range(self.world_size):
             ours, theirs = socket.socketpair()
             with theirs:
-                self._procs.append(
-                    subprocess.Popen(
-                        wrap(
-                            [
-                                sys.executable,
-                                "-m",
-                                "trainer.backends.torch_backend.rank",
-                                str(theirs.fileno()),
-                            ]
-                        ),
-                        pass_fds=[theirs.fileno()],
-                    )
-                )
+                argv = [sys.executable, "-m", self.rank_module, str(theirs.fileno())]
+                self._procs.append(subprocess.Popen(wrap(argv), pass_fds=[theirs.fileno()]))
             self._conns.append(Connection(ours.detach()))
         for rank, conn in enumerate(self._conns):
             conn.send((args, self.role, rank, self.world_size, dist_init, log_level))

@@ -10,21 +10,23 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from trainer.backends.torch_backend.group import SHUTDOWN
 
 
-def main(argv: list[str]) -> int:
+def serve(argv: list[str], worker_class: Callable[[], type], service: str) -> int:
+    """Receive the worker's settings on socket FD ``argv[0]``, build ``worker_class()(...)`` (imported only here,
+    in the rank process), then answer the trainer's calls until told to stop or until its end closes."""
     conn = Connection(int(argv[0]))
     args, role, rank, world_size, dist_init, log_level = conn.recv()
 
     from services.core.logging_setup import setup_logging
-    from trainer.backends.torch_backend.worker import TrainWorker
 
-    setup_logging(log_level, service=f"trainer-{role}{rank}")
+    setup_logging(log_level, service=f"{service.format(role=role)}{rank}")
     try:
-        worker = TrainWorker(args, role=role, rank=rank, world_size=world_size, dist_init=dist_init)
+        worker = worker_class()(args, role=role, rank=rank, world_size=world_size, dist_init=dist_init)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return 1
@@ -49,6 +51,16 @@ def main(argv: list[str]) -> int:
             conn.send(("error", traceback.format_exc()))
         else:
             conn.send(("ok", result))
+
+
+def _train_worker() -> type:
+    from trainer.backends.torch_backend.worker import TrainWorker
+
+    return TrainWorker
+
+
+def main(argv: list[str]) -> int:
+    return serve(argv, _train_worker, service="trainer-{role}")
 
 
 if __name__ == "__main__":

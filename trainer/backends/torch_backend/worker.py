@@ -669,9 +669,13 @@ class TrainWorker:
             self._reset_old_actor_stores()
         self.barrier()
 
+    def _writes_files(self) -> bool:
+        """Whether this rank writes what every rank computes together (the Hugging Face export)."""
+        return self.rank == 0
+
     def export_hf(self, out_dir: str, dtype: str | None = None) -> str | None:
         state = self.full_state()
-        if self.rank != 0:
+        if not self._writes_files():
             return None
         path = checkpoint.write_hf_checkpoint(
             out_dir,
@@ -788,21 +792,31 @@ class TrainWorker:
                 bucket = [(name, tensor.to(dtype)) for name, tensor in bucket]
             if sender is not None:
                 sender.send(bucket)
+        return self._finish_push(request, sender, start, len(buckets))
+
+    def _push_barrier(self) -> None:
+        """Every rank of the push waits for the others (all ranks, whatever their model-parallel groups)."""
+        self.barrier()
+
+    def _finish_push(
+        self, request: WeightPushRequest, sender: WeightSender | None, start: float, buckets: int
+    ) -> WeightPushReport | None:
+        """After the last bucket: every rank done, bytes totalled, the old actor advanced; the writer's report."""
         if sender is not None:
             sender.finish()
-        self.barrier()
+        self._push_barrier()
         seconds = time.perf_counter() - start
         sent = self._all_reduce([sender.bytes_sent if sender is not None else 0])[0]
         if self.role == ACTOR and self.args.keep_old_actor:
             self._advance_old_actor()
-        if self.rank != 0:
+        if not self._writes_files():
             return None
         return WeightPushReport(
             transport=request.transport,
             version=request.version,
             bytes=int(sent),
             seconds=seconds,
-            buckets=len(buckets),
+            buckets=buckets,
         )
 
     def _advance_old_actor(self) -> None:
