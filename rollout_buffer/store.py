@@ -244,6 +244,14 @@ return acked
 """
 
 # ARGV: prefix, timeout_ms, action (drop|deliver), limit. Handles open groups idle for longer than the timeout.
+# ARGV: prefix, limit. Every leased group of the run back to the head of its ready list, whatever its deadline.
+_RELEASE_LUA = (
+    _LUA_COMMON
+    + """
+return requeue_expired(ARGV[1], '+inf', tonumber(ARGV[2]))
+"""
+)
+
 _EXPIRE_LUA = (
     _LUA_COMMON
     + """
@@ -471,6 +479,7 @@ class BufferStore:
         self._lease = redis_client.register_script(_LEASE_LUA)
         self._ack = redis_client.register_script(_ACK_LUA)
         self._expire = redis_client.register_script(_EXPIRE_LUA)
+        self._release = redis_client.register_script(_RELEASE_LUA)
 
     async def aclose(self) -> None:
         """Close the write connection (the shared client belongs to the caller)."""
@@ -599,6 +608,11 @@ class BufferStore:
         if not lease_ids:
             return []
         return [str(x) for x in await self._ack(args=[self.prefix(run_id), *lease_ids])]
+
+    async def release_leases(self, run_id: str, limit: int = 100_000) -> int:
+        """Return every group leased in ``run_id`` to the ready queues now, without waiting for its lease to run out;
+        how many. For a trainer that restarts: the leases of a run's one trainer are its dead predecessor's."""
+        return int(await self._release(args=[self.prefix(run_id), limit]))
 
     async def expire_open_groups(self, run_id: str, limit: int = 1000) -> tuple[int, int]:
         """Apply the group timeout to idle open groups; returns (groups expired, items dropped)."""

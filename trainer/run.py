@@ -208,9 +208,23 @@ class RLRun:
             tokenizer=self.tokenizer,
         )
         set_context(self.context)
+        self._take_back_leases()
         for name, url in addresses.metrics_urls().items():
             logger.info("metrics: %-15s %s", name, url)
         return addresses
+
+    def _take_back_leases(self) -> None:
+        """Groups a previous trainer of this run leased and never acknowledged (it died, and this one resumes it) go
+        back to the queue now: waiting out their lease would stall the first rollout for the lease timeout."""
+        from rollout_buffer.store import BufferStore
+
+        released = self.runner.run(BufferStore(self.context.redis).release_leases(self.args.run_id))
+        if released:
+            logger.info(
+                "run %s: %d group(s) leased by a previous trainer returned to the queue",
+                self.args.run_id,
+                released,
+            )
 
     @staticmethod
     def _router_workers(router_url: str) -> list[str]:

@@ -62,6 +62,26 @@ async def test_lease_without_ack_comes_back_after_the_timeout_and_ack_removes_it
     assert (await store.write("r", [new_item("a", "g")])).statuses == [DUP]
 
 
+async def test_a_restarted_trainer_takes_back_its_runs_leases_at_once(make_store) -> None:
+    store = make_store(group_size=1)
+    await store.write("r", [new_item("a", "g"), new_item("b", "h")])
+    await store.write("other", [new_item("c", "k")])
+    dead = (await store.lease("r", 5, lease_seconds=300)).groups
+    other = (await store.lease("other", 5, lease_seconds=300)).groups
+    assert len(dead) == 2 and len(other) == 1
+    assert (await store.lease("r", 5)).groups == []
+
+    assert await store.release_leases("r") == 2
+    again = await store.lease("r", 5, lease_seconds=30)
+    assert sorted(g.instance_id for g in again.groups) == ["g", "h"]
+    assert all(g.redeliveries == 1 for g in again.groups)
+    # The dead trainer's leases are void; the new ones hold. Another run's lease is untouched.
+    assert await store.ack("r", [g.lease_id for g in dead]) == []
+    assert await store.release_leases("other", limit=0) == 0
+    assert (await store.lease("other", 5)).groups == []
+    assert await store.ack("other", [other[0].lease_id]) == [other[0].lease_id]
+
+
 async def test_a_full_buffer_refuses_the_whole_write_and_frees_room_on_ack(make_store) -> None:
     store = make_store(group_size=2, max_items=3)
     await store.write("r", [new_item("a", "g1"), new_item("b", "g1")])
