@@ -178,7 +178,9 @@ def test_parent_exiting_without_stop_leaves_no_redis_server() -> None:
 
 def test_ctrl_c_to_the_parent_group_does_not_reach_redis(tmp_path: Path) -> None:
     script = (
-        "import sys, time, redis\n"
+        "import signal, sys, time, redis\n"
+        # A foreground program's Ctrl-C, even when this suite runs where SIGINT is ignored (a background job).
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from services.core.embedded_redis import EmbeddedRedis\n"
         "server = EmbeddedRedis(dir=sys.argv[1])\n"
         "try:\n"
