@@ -176,6 +176,7 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, comman
         "--rollout-max-response-len", str(settings.max_response_len),
         "--rollout-temperature", str(settings.temperature),
         "--lr", str(settings.lr),
+        "--lr-decay-style", "constant",  # the same schedule as TRL's lr_scheduler_type
         "--kl-loss-coef", str(settings.kl_coef),
         "--seed", str(settings.seed),
         "--eval-interval", "0",
