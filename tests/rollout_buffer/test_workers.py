@@ -136,6 +136,20 @@ async def _run_in_process(args, store: BufferStore, until) -> RolloutWorker:
     return worker
 
 
+async def _roll_out(args, store: BufferStore, redis_client, task: RolloutTask) -> list[Sample]:
+    """Submit one task, let an in-process worker finish it, then lease and acknowledge its stored group."""
+    await submit_tasks(redis_client, "default", [task])
+    queue = task_queue(redis_client, "default")
+
+    async def drained() -> bool:
+        return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
+
+    await _run_in_process(args, store, drained)
+    [group] = (await store.lease("default", 5)).groups
+    await store.ack("default", [group.lease_id])
+    return [Sample.from_dict(item) for item in group.items]
+
+
 async def test_a_worker_killed_mid_task_is_replaced_and_every_group_is_stored_once(
     stack: dict[str, str], redis_server: EmbeddedRedis, redis_client, tmp_path: Path
 ) -> None:
@@ -192,16 +206,7 @@ async def test_partial_samples_are_continued_and_group_rm_scores_the_group(
         samples=[fresh],
         sampling_params={"max_new_tokens": 3, "ignore_eos": True},
     )
-    await submit_tasks(redis_client, "default", [first])
-    queue = task_queue(redis_client, "default")
-
-    async def drained() -> bool:
-        return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
-
-    await _run_in_process(args, store, drained)
-    [group] = (await store.lease("default", 5)).groups
-    await store.ack("default", [group.lease_id])
-    partial = Sample.from_dict(group.items[0])
+    [partial] = await _roll_out(args, store, redis_client, first)
     assert partial.response_length == 3
     # Continue it as an aborted sample in a later rollout, beside a sample that is already finished.
     partial.status = Sample.Status.ABORTED
@@ -220,10 +225,7 @@ async def test_partial_samples_are_continued_and_group_rm_scores_the_group(
         samples=[partial, done],
         sampling_params={"max_new_tokens": 8, "ignore_eos": True},
     )
-    await submit_tasks(redis_client, "default", [later])
-    await _run_in_process(args, store, drained)
-    [group] = (await store.lease("default", 5)).groups
-    continued, untouched = (Sample.from_dict(item) for item in group.items)
+    continued, untouched = await _roll_out(args, store, redis_client, later)
     assert continued.uid == "fresh" and continued.response_length == 8
     assert continued.tokens[: len(partial.tokens)] == partial.tokens
     assert continued.rollout_log_probs[:3] == partial.rollout_log_probs
@@ -259,7 +261,6 @@ async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
 ) -> None:
     args = parse_args(_worker_argv(stack, redis_server.url))
     store = BufferStore(redis_client, StoreLimits())
-    queue = task_queue(redis_client, "default")
     # A partial sample (continued on its own) first, then four fresh ones (one batched request).
     seed = RolloutTask(
         group_id="batch",
@@ -267,15 +268,7 @@ async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
         samples=[Sample(prompt="3+3=", label="6", uid="partial")],
         sampling_params={"max_new_tokens": 2, "ignore_eos": True},
     )
-    await submit_tasks(redis_client, "default", [seed])
-
-    async def drained() -> bool:
-        return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
-
-    await _run_in_process(args, store, drained)
-    [group] = (await store.lease("default", 5)).groups
-    await store.ack("default", [group.lease_id])
-    partial = Sample.from_dict(group.items[0])
+    [partial] = await _roll_out(args, store, redis_client, seed)
     partial.status = Sample.Status.ABORTED
     fresh = [Sample(prompt="1+2=", label="3", uid=f"fresh-{i}", index=i + 1) for i in range(4)]
     task = RolloutTask(
@@ -285,14 +278,11 @@ async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
         sampling_params={"max_new_tokens": 6, "temperature": 1.0, "ignore_eos": True},
     )
     posts_before, finished_before = _engine_counts(stack["engine_url"])
-    await submit_tasks(redis_client, "default", [task])
-    await _run_in_process(args, store, drained)
+    samples = await _roll_out(args, store, redis_client, task)
     posts_after, finished_after = _engine_counts(stack["engine_url"])
     assert posts_after - posts_before == 2  # the continuation, and one batch for the four fresh samples
     assert finished_after - finished_before == 5
 
-    [group] = (await store.lease("default", 5)).groups
-    samples = [Sample.from_dict(item) for item in group.items]
     assert [s.uid for s in samples] == ["partial", "fresh-0", "fresh-1", "fresh-2", "fresh-3"]
     assert samples[0].response_length == 6 and samples[0].tokens[: len(partial.tokens)] == partial.tokens
     for sample in samples[1:]:
@@ -308,7 +298,6 @@ async def test_a_seeded_group_gives_each_sample_its_own_seed(
     """Evaluation seeds its tasks (the same answers at every evaluation); the n samples of a prompt still differ."""
     args = parse_args(_worker_argv(stack, redis_server.url))
     store = BufferStore(redis_client, StoreLimits())
-    queue = task_queue(redis_client, "default")
 
     async def answers(group_id: str) -> list[tuple[int, ...]]:
         task = RolloutTask(
@@ -322,15 +311,7 @@ async def test_a_seeded_group_gives_each_sample_its_own_seed(
                 "sampling_seed": 11,
             },
         )
-        await submit_tasks(redis_client, "default", [task])
-
-        async def drained() -> bool:
-            return (await store.stats("default")).complete_groups >= 1 and await queue.pending_count() == 0
-
-        await _run_in_process(args, store, drained)
-        [group] = (await store.lease("default", 5)).groups
-        await store.ack("default", [group.lease_id])
-        return [tuple(Sample.from_dict(item).tokens) for item in group.items]
+        return [tuple(sample.tokens) for sample in await _roll_out(args, store, redis_client, task)]
 
     first, again = await answers("seeded-a"), await answers("seeded-b")
     assert len(set(first)) > 1  # not one answer four times
