@@ -25,7 +25,6 @@ import torch.distributed as dist
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig
 from trainer.algorithms.loss import LossConfig
-from trainer.algorithms.reduction import normalizer
 from trainer.algorithms.tis import load_tis_function
 from trainer.backends.megatron_backend import convert, torch_format
 from trainer.backends.megatron_backend import model as mg_model
@@ -258,33 +257,21 @@ class MegatronTrainWorker(TrainWorker):
         self._step_id = 0
         return super().train(rollout_id)
 
+    def _before_micro_batch(self, *, last: bool) -> None:
+        """Megatron's DDP reduces the gradient buffers in ``finalize_model_grads``, after the last micro-batch."""
+
     def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
         from megatron.core.distributed import finalize_model_grads
 
-        per_token = self.loss_config.per_token
-        step_positions = [i for mb in micro_batches for i in mb]
-        denominator = self._all_reduce(
-            [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
-        )[0]
-        denominator = max(denominator, 1.0)
-        # Megatron's DDP averages gradients over data-parallel ranks, as FSDP does in the torch backend.
-        scale = self.world_size / denominator
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.before_train_step_hook is not None:
             self.before_train_step_hook(
                 self.args, self._rollout_id, self._step_id, self.model, self.optimizer, self.schedule
             )
-        sums: dict[str, float] = {}
-        for positions in micro_batches:
-            loss, metrics = self._micro_batch_loss(local, positions)
-            (loss * scale).backward()
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+        # Megatron's DDP averages gradients over data-parallel ranks, as FSDP does in the torch backend.
+        out = self._accumulate_gradients(local, micro_batches)
         finalize_model_grads([self.model])
-        keys = sorted(sums)
-        totals = self._all_reduce([sums[k] for k in keys])
-        out = {k: v / denominator for k, v in zip(keys, totals, strict=True)}
         success, grad_norm, _ = self.optimizer.step()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["lr"] = self.schedule.lr

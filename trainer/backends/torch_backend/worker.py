@@ -521,27 +521,36 @@ class TrainWorker:
         self.local = None
         return {"steps": step_metrics, "rollout": local.metrics}
 
-    def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
+    def _accumulate_gradients(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
+        """Forward and backward of every micro-batch of one optimizer step, the loss normalised over the whole step
+        on every data-parallel rank; returns the step's loss metrics, averaged the same way."""
         per_token = self.loss_config.per_token
         step_positions = [i for mb in micro_batches for i in mb]
         denominator = self._all_reduce(
             [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
         )[0]
         denominator = max(denominator, 1.0)
+        # The data-parallel gradient reduction averages over ranks; the world size undoes that.
         scale = self.world_size / denominator
-        self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for k, positions in enumerate(micro_batches):
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                # Reduce gradients across ranks once, after the last micro-batch.
-                self.model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+            self._before_micro_batch(last=k == len(micro_batches) - 1)
             loss, metrics = self._micro_batch_loss(local, positions)
             (loss * scale).backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         keys = sorted(sums)
         totals = self._all_reduce([sums[k] for k in keys])
-        out = {k: v / denominator for k, v in zip(keys, totals, strict=True)}
+        return {k: v / denominator for k, v in zip(keys, totals, strict=True)}
+
+    def _before_micro_batch(self, *, last: bool) -> None:
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            # Reduce gradients across ranks once, after the last micro-batch.
+            self.model.set_requires_gradient_sync(last)
+
+    def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._accumulate_gradients(local, micro_batches)
         max_norm = self.optim_config.clip_grad if self.optim_config.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = float(model_lib.full_tensor(grad_norm))
