@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from services.core.arguments import parse_args
@@ -44,3 +47,57 @@ def random_batch(n: int, *, seed: int = 0, vocab: int = 400, prompt=(2, 6), resp
         rewards.append(rng.choice([0.0, 1.0]) + rng.random() / 10)
         masks.append([0 if (j == 0 and r > 2) else 1 for j in range(r)])
     return RolloutBatch(tokens=tokens, response_lengths=lengths, rewards=rewards, loss_masks=masks)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def driver_argv(workdir: Path, out: Path, *, rollouts: int, engines: int = 1) -> list[str]:
+    """``slime train`` flags of the end-to-end tests: the tiny model and arithmetic data in ``workdir``, two prompts
+    of two samples a rollout, output (and run id) ``out``."""
+    return [
+        "--train-backend", "fsdp",
+        "--hf-checkpoint", str(workdir / "model"),
+        "--prompt-data", str(workdir / "train.jsonl"),
+        "--input-key", "prompt",
+        "--label-key", "label",
+        "--rm-type", "math",
+        "--rollout-batch-size", "2",
+        "--n-samples-per-prompt", "2",
+        "--num-rollout", str(rollouts),
+        "--rollout-max-response-len", "6",
+        "--actor-num-gpus-per-node", "1",
+        "--rollout-num-gpus", str(engines),
+        "--distributed-backend", "gloo",
+        "--lr", "1e-4",
+        "--output-dir", str(out),
+        "--run-id", out.name,
+        "--port", "0",
+        "--log-level", "WARNING",
+        "--save-debug-rollout-data", str(out / "debug" / "rollout_{rollout_id}.pt"),
+    ]  # fmt: skip
+
+
+def driver_env(workdir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``slime train`` child: this checkout importable, plugins recording into ``workdir``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SLIME_TEST_PLUGIN_DIR": str(workdir / "plugins"),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
+def run_slime(
+    workdir: Path, command: str, argv: list[str], *, timeout: float = 400, **env: str
+) -> subprocess.CompletedProcess:
+    """``slime COMMAND ARGV`` in a child process with ``driver_env(workdir, **env)``; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", command, *argv],
+        cwd=ROOT,
+        env=driver_env(workdir, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

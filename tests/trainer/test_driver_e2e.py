@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from services.core.tiny_model import build_tiny_model
+from tests.trainer.helpers import driver_argv, driver_env, run_slime
 from trainer.quickstart.task import split_problems, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,50 +48,6 @@ def _sharpen(model_dir: Path, factor: float) -> None:
     save_file(weights, path, metadata={"format": "pt"})
 
 
-def _base(workdir: Path, out: Path, *, rollouts: int, engines: int = 1) -> list[str]:
-    return [
-        "--train-backend", "fsdp",
-        "--hf-checkpoint", str(workdir / "model"),
-        "--prompt-data", str(workdir / "train.jsonl"),
-        "--input-key", "prompt",
-        "--label-key", "label",
-        "--rm-type", "math",
-        "--rollout-batch-size", "2",
-        "--n-samples-per-prompt", "2",
-        "--num-rollout", str(rollouts),
-        "--rollout-max-response-len", "6",
-        "--actor-num-gpus-per-node", "1",
-        "--rollout-num-gpus", str(engines),
-        "--distributed-backend", "gloo",
-        "--lr", "1e-4",
-        "--output-dir", str(out),
-        "--run-id", out.name,
-        "--port", "0",
-        "--log-level", "WARNING",
-        "--save-debug-rollout-data", str(out / "debug" / "rollout_{rollout_id}.pt"),
-    ]  # fmt: skip
-
-
-def _env(workdir: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "SLIME_TEST_PLUGIN_DIR": str(workdir / "plugins"),
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-def _slime(workdir: Path, command: str, argv: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli", command, *argv],
-        cwd=ROOT,
-        env=_env(workdir),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def _records(out: Path, key: str) -> list[dict]:
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
     return [r for r in map(json.loads, lines) if key in r]
@@ -116,7 +73,7 @@ def _alive(pid: int) -> bool:
 
 def test_sync_run_through_every_service_with_plugins_eval_and_ci_checks(workdir: Path) -> None:
     out = workdir / "sync"
-    argv = _base(workdir, out, rollouts=3) + [
+    argv = driver_argv(workdir, out, rollouts=3) + [
         "--rollout-function-path", f"{PLUGINS}.rollout",
         "--eval-function-path", "slime.rollout.sglang_rollout.generate_rollout",
         "--custom-generate-function-path", f"{PLUGINS}.generate",
@@ -131,7 +88,7 @@ def test_sync_run_through_every_service_with_plugins_eval_and_ci_checks(workdir:
         "--use-kl-loss", "--kl-loss-coef", "0.01",
         "--ci-test",
     ]  # fmt: skip
-    result = _slime(workdir, "train", argv)
+    result = run_slime(workdir, "train", argv)
     assert result.returncode == 0, result.stderr[-3000:]
 
     rollouts = _records(out, "rollout/step")
@@ -192,7 +149,7 @@ def test_debug_rollout_data_trains_without_services_and_ci_test_catches_a_wrong_
         "--log-multi-turn",
         "--save-debug-train-data", str(workdir / "replay" / "train_{rollout_id}_{rank}.pt"),
     ]  # fmt: skip
-    good = _slime(
+    good = run_slime(
         workdir, "train", [*common, *extra, "--output-dir", str(workdir / "replay"), "--run-id", "replay"]
     )
     assert good.returncode == 0, good.stderr[-3000:]
@@ -207,7 +164,7 @@ def test_debug_rollout_data_trains_without_services_and_ci_test_catches_a_wrong_
         replayed = _debug_samples(workdir / "sync", rollout_id)
         assert saved["rollout_data"]["tokens"] == [s["tokens"] for s in replayed]
 
-    broken = _slime(
+    broken = run_slime(
         workdir,
         "train",
         [
@@ -226,7 +183,7 @@ def test_debug_rollout_data_trains_without_services_and_ci_test_catches_a_wrong_
 
 def test_async_run_survives_an_engine_killed_mid_rollout(workdir: Path) -> None:
     out = workdir / "ft"
-    argv = _base(workdir, out, rollouts=4, engines=2) + [
+    argv = driver_argv(workdir, out, rollouts=4, engines=2) + [
         "--use-fault-tolerance",
         "--rollout-health-check-interval", "0.5",
         "--rollout-health-check-timeout", "2",
@@ -236,7 +193,7 @@ def test_async_run_survives_an_engine_killed_mid_rollout(workdir: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "train-async", *argv],
         cwd=ROOT,
-        env=_env(workdir),
+        env=driver_env(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -274,7 +231,7 @@ def test_async_run_survives_an_engine_killed_mid_rollout(workdir: Path) -> None:
 def test_killed_driver_resumes_from_its_checkpoint_with_the_same_data(workdir: Path) -> None:
     out = workdir / "resume"
     ckpt = workdir / "resume_ckpt"
-    argv = _base(workdir, out, rollouts=3) + [
+    argv = driver_argv(workdir, out, rollouts=3) + [
         "--save",
         str(ckpt),
         "--save-interval",
@@ -285,7 +242,7 @@ def test_killed_driver_resumes_from_its_checkpoint_with_the_same_data(workdir: P
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "train", *argv],
         cwd=ROOT,
-        env=_env(workdir),
+        env=driver_env(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -304,7 +261,7 @@ def test_killed_driver_resumes_from_its_checkpoint_with_the_same_data(workdir: P
         assert time.monotonic() < deadline, "children outlived the killed driver"
         time.sleep(0.1)
 
-    result = _slime(workdir, "train", argv)
+    result = run_slime(workdir, "train", argv)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = [r["rollout_id"] for r in _records(out, "rollout/step") if r["rollout_id"] > saved]
     assert resumed == list(range(saved + 1, 3))

@@ -6,8 +6,6 @@ the test runs itself, in embedded mode), TensorBoard and W&B (offline) files rea
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from services.core.net import free_port
 from services.core.supervisor import ServiceProcess
 from services.core.tiny_model import build_tiny_model
+from tests.trainer.helpers import driver_argv, run_slime
 from tests.trainer.wandb_records import offline_runs, wandb_records
 from trainer.quickstart.task import split_problems, write_jsonl
 
@@ -64,23 +63,7 @@ def test_distributed_post_external_engine_logging_and_memory_flags(
 ) -> None:
     out = workdir / "run"
     argv = [
-        "--train-backend", "fsdp",
-        "--hf-checkpoint", str(workdir / "model"),
-        "--prompt-data", str(workdir / "train.jsonl"),
-        "--input-key", "prompt",
-        "--label-key", "label",
-        "--rm-type", "math",
-        "--rollout-batch-size", "2",
-        "--n-samples-per-prompt", "2",
-        "--num-rollout", "2",
-        "--rollout-max-response-len", "6",
-        "--actor-num-gpus-per-node", "1",
-        "--distributed-backend", "gloo",
-        "--output-dir", str(out),
-        "--run-id", "flags",
-        "--port", "0",
-        "--log-level", "WARNING",
-        "--save-debug-rollout-data", str(out / "debug" / "rollout_{rollout_id}.pt"),
+        *driver_argv(workdir, out, rollouts=2),
         "--custom-generate-function-path", f"{PLUGINS}.generate_recording_pid",
         "--use-distributed-post", "--num-gpus-per-node", "2",
         "--rollout-external", "--rollout-external-engine-addrs", external_engine,
@@ -89,20 +72,8 @@ def test_distributed_post_external_engine_logging_and_memory_flags(
         "--wandb-project", "flags", "--wandb-group", "e2e", "--disable-wandb-random-suffix",
         "--record-memory-history", "--memory-snapshot-dir", str(out / "memory"),
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        "TENSORBOARD_DIR": str(out / "tb"),
-        "WANDB_SILENT": "true",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "train", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_slime(
+        workdir, "train", argv, timeout=300, TENSORBOARD_DIR=str(out / "tb"), WANDB_SILENT="true"
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

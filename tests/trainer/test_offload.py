@@ -4,7 +4,6 @@ itself records them), generation after a sleep/wake cycle is what it was before,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from services.core.net import free_port, wait_http_ok
-from tests.trainer.helpers import random_batch, trainer_args
+from tests.trainer.helpers import driver_argv, random_batch, run_slime, trainer_args
 from trainer.backends.torch_backend import TorchTrainer
 from trainer.offload import EngineMemory
 
@@ -108,30 +107,17 @@ def test_slime_train_with_offload_sleeps_the_engines_while_it_trains(tmp_path):
     write_jsonl(split_problems(6, eval_size=2)[0], tmp_path / "train.jsonl")
     out = tmp_path / "out"
     argv = [
-        "--train-backend", "fsdp", "--hf-checkpoint", str(tmp_path / "model"),
-        "--prompt-data", str(tmp_path / "train.jsonl"), "--input-key", "prompt", "--label-key", "label",
-        "--rm-type", "math", "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--num-rollout", "2",
-        "--rollout-max-response-len", "4", "--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1",
-        "--offload", "--output-dir", str(out), "--run-id", "offload", "--port", "0", "--log-level", "WARNING",
+        *driver_argv(tmp_path, out, rollouts=2),
+        "--offload",
         "--rollout-data-postprocess-path", "tests.trainer.offload_plugins.record_engine_memory",
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "SLIME_TEST_PLUGIN_DIR": str(tmp_path),
-        "OMP_NUM_THREADS": "1",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "train", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = run_slime(tmp_path, "train", argv)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    records = [json.loads(line)[0] for line in (tmp_path / "engine_memory.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)[0]
+        for line in (tmp_path / "plugins" / "engine_memory.jsonl").read_text().splitlines()
+    ]
     assert len(records) == 2
     # While the trainer trains, the engine holds nothing; before that, it slept and woke in slime's order.
     assert all(sorted(r["released_tags"]) == sorted(ALL_TAGS) for r in records)
