@@ -115,3 +115,25 @@ def test_committed_data_is_the_quickstart_split_and_grades_correctly() -> None:
     assert train_rows == prompt_rows(train)
     assert eval_rows == prompt_rows(held_out)
     assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+
+
+def test_truncated_answers_score_zero_and_rewards_are_group_normalised() -> None:
+    from services.core.arguments import parse_args
+    from services.core.sample import Sample
+    from trainer.demo import demo_flags
+    from trainer.quickstart.reward import truncated_answers_score_zero
+
+    args = parse_args([*demo_flags(), "--n-samples-per-prompt", "4"])
+    statuses = [
+        Sample.Status.COMPLETED,
+        Sample.Status.TRUNCATED,
+        Sample.Status.COMPLETED,
+        Sample.Status.COMPLETED,
+    ]
+    samples = [
+        Sample(prompt="1+1=", label="2", reward=reward, status=status)
+        for reward, status in zip([1.0, 1.0, 0.0, 1.0], statuses, strict=True)
+    ]
+    raw, rewards = truncated_answers_score_zero(args, samples)
+    assert raw == [1.0, 0.0, 0.0, 1.0]  # the truncated answer's correct box does not count
+    assert sum(rewards) == pytest.approx(0.0) and rewards[0] > 0 > rewards[1] == rewards[2]

@@ -14,6 +14,17 @@ from typing import Any
 from trainer.algorithms.rewards import normalize_group_rewards
 
 
+def normalized_rewards(args: Any, raw_rewards: Sequence[float]) -> list[float]:
+    """The rewards the advantage estimator uses: group-normalised as the flags say (slime's default post-processing)."""
+    return normalize_group_rewards(
+        raw_rewards,
+        n_samples_per_prompt=args.n_samples_per_prompt,
+        advantage_estimator=args.advantage_estimator,
+        rewards_normalization=args.rewards_normalization,
+        grpo_std_normalization=args.grpo_std_normalization,
+    )
+
+
 @dataclass
 class RolloutBatch:
     """Per-sample lists, all of the same length; a prompt's samples are adjacent (``n_samples_per_prompt`` each)."""
@@ -88,13 +99,7 @@ class RolloutBatch:
             if any(r is None for r in raw_rewards):
                 missing = next(i for i, r in enumerate(raw_rewards) if r is None)
                 raise ValueError(f"sample {missing} has no reward; score every sample before training")
-            rewards = normalize_group_rewards(
-                raw_rewards,
-                n_samples_per_prompt=args.n_samples_per_prompt,
-                advantage_estimator=args.advantage_estimator,
-                rewards_normalization=args.rewards_normalization,
-                grpo_std_normalization=args.grpo_std_normalization,
-            )
+            rewards = normalized_rewards(args, raw_rewards)
         if len(raw_rewards) != len(samples) or len(rewards) != len(samples):
             raise ValueError(
                 f"--custom-reward-post-process-path returned {len(raw_rewards)} raw rewards and {len(rewards)} rewards "

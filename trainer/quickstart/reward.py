@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.core.sample import Sample
-from trainer.algorithms.rewards import normalize_group_rewards
+from trainer.backends.batch import normalized_rewards
 
 
 def truncated_answers_score_zero(args: Any, samples: Sequence[Sample]) -> tuple[list[float], list[float]]:
@@ -21,11 +21,4 @@ def truncated_answers_score_zero(args: Any, samples: Sequence[Sample]) -> tuple[
         0.0 if sample.status is Sample.Status.TRUNCATED else float(sample.get_reward_value(args))
         for sample in samples
     ]
-    rewards = normalize_group_rewards(
-        raw,
-        n_samples_per_prompt=args.n_samples_per_prompt,
-        advantage_estimator=args.advantage_estimator,
-        rewards_normalization=args.rewards_normalization,
-        grpo_std_normalization=args.grpo_std_normalization,
-    )
-    return raw, list(rewards)
+    return raw, normalized_rewards(args, raw)
