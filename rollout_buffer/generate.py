@@ -201,8 +201,9 @@ def is_text_only(sample: Sample) -> bool:
 
 def _tokenize_prompt(args: Any, sample: Sample) -> list[str]:
     """Set a fresh sample's tokens to its prompt's; returns the prompt's images."""
-    text, images = _prompt_text(sample.prompt, tokenizer_of(args))
-    sample.tokens = list(tokenizer_of(args)(text, add_special_tokens=False)["input_ids"])
+    tokenizer = tokenizer_of(args)
+    text, images = _prompt_text(sample.prompt, tokenizer)
+    sample.tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return images
 
 
