@@ -34,6 +34,7 @@ _ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 _ENGLISH = (
@@ -94,11 +95,14 @@ def build_tiny_model(
     corpus: Iterable[str] | None = None,
     vocab_size: int | None = None,
     dtype: str = "float32",
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
 ) -> Path:
     """Write a Hugging Face model directory (config, safetensors, generation config, tokenizer) to ``out_dir``.
 
     ``vocab_size`` is the BPE target (default 512); the model's vocabulary is exactly the trained tokenizer's.
-    The same arguments always give byte-identical weights and tokenizer.
+    The same arguments always give byte-identical weights and tokenizer. ``qwen3_moe`` gives every layer
+    ``num_experts`` experts of width ``intermediate_size`` with ``num_experts_per_tok`` routed per token.
     """
     if arch not in _ARCHS:
         raise ValueError(f"arch must be one of {sorted(_ARCHS)}, got {arch!r}")
@@ -144,8 +148,16 @@ def build_tiny_model(
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         config_kwargs["head_dim"] = hidden_size // num_heads
+    if arch == "qwen3_moe":
+        config_kwargs.update(
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            moe_intermediate_size=intermediate_size,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     config = config_cls(**config_kwargs)
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(seed)

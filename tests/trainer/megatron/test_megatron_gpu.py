@@ -129,14 +129,6 @@ def test_megatron_matches_the_torch_backend(model_dir, precision, tmp_path):
         assert all(torch.equal(got["state0"][k], original[k]) for k in original)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "megatron-core 0.19.2 without TransformerEngine/Apex (plain torch AdamW): loading a fully reshardable "
-        "distributed-optimizer checkpoint looks up a 'step' tensor that its loader never provides (KeyError in "
-        "_set_main_param_and_optimizer_states); seen on 2x H200"
-    ),
-)
 def test_checkpoint_resume_continues_the_same_run(model_dir, tmp_path):
     flags = ("--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"))
     first, second = random_batch(8, seed=5), random_batch(8, seed=6)
@@ -155,6 +147,120 @@ def test_checkpoint_resume_continues_the_same_run(model_dir, tmp_path):
     assert again["loss"] == pytest.approx(continued["loss"], rel=1e-6)
     assert again["lr"] == continued["lr"]
     assert (tmp_path / "ckpt" / "iter_0000000" / "model" / "metadata.json").is_file()
+
+
+@two_gpus
+def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(model_dir, tmp_path):
+    """The optimizer state is saved fully reshardable: a run saved with DP=2 goes on with DP=1 as it would have."""
+    flags = ("--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"))
+    first, second = random_batch(8, seed=5), random_batch(8, seed=6)
+    with _megatron(model_dir, *flags, "--actor-num-gpus-per-node", "2") as two:
+        assert two.load() is None
+        two.train_step(first, rollout_id=0)
+        two.save(0)
+        saved = two.parameter_checksum()
+        continued = two.train_step(second, rollout_id=1).steps[0]
+        continued_sum = two.parameter_checksum()
+    with _megatron(model_dir, *flags) as one:
+        assert one.load() == 0
+        assert one.parameter_checksum() == saved
+        again = one.train_step(second, rollout_id=1).steps[0]
+        resumed_sum = one.parameter_checksum()
+    report(
+        reshard_loss_rel=_rel(again["loss"], continued["loss"]),
+        reshard_sum_rel=_rel(resumed_sum[1], continued_sum[1]),
+    )
+    assert again["loss"] == pytest.approx(continued["loss"], rel=1e-4, abs=1e-6)
+    assert resumed_sum == pytest.approx(continued_sum, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("megatron") / "qwen3_moe",
+        arch="qwen3_moe",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        corpus=default_corpus(lines=200),
+    )
+
+
+def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch):
+    """The old policy's pass records every token's experts; both optimizer steps of the rollout route exactly so,
+    packed differently (other micro-batches than the log-prob pass), the second after the weights have moved."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    from services.core.net import free_port
+    from trainer.backends.megatron_backend.worker import MegatronTrainWorker
+    from trainer.backends.torch_backend.worker import ACTOR, DistInit
+
+    calls: list[tuple[RouterReplayAction | None, int, torch.Tensor]] = []
+    original = RouterReplay.get_replay_topk
+
+    def spy(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+        probs, indices = original(self, scores, topk, num_groups, group_topk, default_compute_topk)
+        layer = RouterReplay.global_router_replay_instances.index(self)
+        calls.append((self.router_replay_action, layer, indices.sort(dim=1).values.cpu()))
+        return probs, indices
+
+    monkeypatch.setattr(RouterReplay, "get_replay_topk", spy)
+    args = trainer_args(
+        moe_dir,
+        "--train-backend", "megatron", "--use-routing-replay",
+        "--global-batch-size", "4", "--use-dynamic-batch-size",
+        "--max-tokens-per-gpu", "24", "--log-probs-max-tokens-per-gpu", "200",
+        "--lr", "3e-2", "--use-kl-loss", "--kl-loss-coef", "0.1",
+    )  # fmt: skip
+    worker = MegatronTrainWorker(
+        args, role=ACTOR, rank=0, world_size=1, dist_init=DistInit("127.0.0.1", free_port())
+    )
+    try:
+        batch = random_batch(8, seed=11, prompt=(4, 10), response=(3, 8))
+        forwards: list[list[int]] = []
+        inner_forward = worker._forward
+
+        def forward(local, positions):
+            forwards.append(list(positions))
+            return inner_forward(local, positions)
+
+        monkeypatch.setattr(worker, "_forward", forward)
+        worker.prepare(batch)
+        recorded = {i: r.long().sort(dim=2).values.cpu() for i, r in worker.routing.routes.items()}
+        layers = len(RouterReplay.global_router_replay_instances)
+        assert layers == 2 and sorted(recorded) == list(range(8))
+        prepare_calls = len(calls)
+        # The reference pass routes freely (one call per layer per forward), the old policy's pass records.
+        assert {a for a, _, _ in calls} == {None, RouterReplayAction.RECORD}
+        worker.train(rollout_id=0)
+        train_calls = calls[prepare_calls:]
+        train_forwards = forwards[-(len(train_calls) // layers) :]
+        assert len(train_forwards) > 2  # micro-batches of at most 24 tokens, over two optimizer steps
+        assert all(action is RouterReplayAction.REPLAY_FORWARD for action, _, _ in train_calls)
+        for k, positions in enumerate(train_forwards):
+            expected = torch.cat([recorded[i] for i in positions])
+            for layer in range(layers):
+                _, got_layer, used = train_calls[k * layers + layer]
+                assert got_layer == layer and torch.equal(used, expected[:, layer]), (k, layer)
+        # Free routing under the trained weights differs for some tokens: replay is what kept them.
+        calls.clear()
+        worker.compute_log_probs(batch)
+        assert {action for action, _, _ in calls} == {None}
+        moved = total = 0
+        for k, positions in enumerate(forwards[-(len(calls) // layers) :]):
+            expected = torch.cat([recorded[i] for i in positions])
+            for layer in range(layers):
+                used = calls[k * layers + layer][2]
+                moved += int((used != expected[:, layer]).any(dim=1).sum())
+                total += len(used)
+        report(routing_moved_fraction=moved / total)
+        assert moved > 0
+    finally:
+        worker.shutdown()
 
 
 @two_gpus

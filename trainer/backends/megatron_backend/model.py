@@ -136,6 +136,7 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
         use_cpu_initialization=True,
         perform_initialization=False,
         deterministic_mode=bool(args.deterministic_mode),
+        **({"moe_enable_routing_replay": True} if args.use_routing_replay else {}),
     )
 
 

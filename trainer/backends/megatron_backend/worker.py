@@ -26,9 +26,11 @@ from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig
 from trainer.algorithms.loss import LossConfig
 from trainer.algorithms.tis import load_tis_function
+from trainer.backends.batch import RolloutBatch
 from trainer.backends.megatron_backend import convert, torch_format
 from trainer.backends.megatron_backend import model as mg_model
 from trainer.backends.megatron_backend.config import architecture_from_hf, check_megatron_args
+from trainer.backends.megatron_backend.routing_replay import RoutingReplay
 from trainer.backends.torch_backend import model as model_lib
 from trainer.backends.torch_backend.optim import LRSchedule, OptimizerConfig
 from trainer.backends.torch_backend.worker import (
@@ -108,6 +110,13 @@ class MegatronTrainWorker(TrainWorker):
         self.shape = self.arch.shape
         check_megatron_args(args, self.arch)
         convert.check_tp_compatible(self.shape, tp)
+        if args.use_routing_replay and not self.shape.num_experts:
+            raise ValueError(
+                f"--use-routing-replay replays MoE expert routing, but {args.hf_checkpoint} ({self.architecture}) "
+                "has no experts"
+            )
+        self.routing = RoutingReplay() if args.use_routing_replay else None
+        self._preparing = False
         self.compute_dtype = torch.bfloat16 if args.bf16 else None
         self.config = mg_model.transformer_config(self.arch, args)
         self.model, self.optimizer = self._build()
@@ -165,6 +174,8 @@ class MegatronTrainWorker(TrainWorker):
         from megatron.core.optimizer import get_megatron_optimizer
 
         args = self.args
+        if self.routing is not None:
+            self.routing.forget_routers()
         gpt = mg_model.build_gpt_model(self.arch, self.config)
         mg_model.load_hf_state(
             gpt, checkpoint.read_hf_weights(args.hf_checkpoint, flag="--hf-checkpoint"), self.shape
@@ -230,7 +241,10 @@ class MegatronTrainWorker(TrainWorker):
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(self, local: LocalRollout, positions: list[int]) -> torch.Tensor:
         packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
-        return mg_model.forward_logits(self.model, packed, vocab_size=self.shape.vocab_size)
+        if self.routing is None:
+            return mg_model.forward_logits(self.model, packed, vocab_size=self.shape.vocab_size)
+        with self.routing.forward(positions, packed.total_lengths):
+            return mg_model.forward_logits(self.model, packed, vocab_size=self.shape.vocab_size)
 
     def _with_weights(self, tag: str) -> contextlib.AbstractContextManager[None]:
         inner = super()._with_weights(tag)
@@ -249,13 +263,25 @@ class MegatronTrainWorker(TrainWorker):
     def _log_prob_pass(self, local: LocalRollout, *, with_entropy: bool):
         if self.before_log_prob_hook is not None:
             self.before_log_prob_hook(self.args, self.model, self._store_prefix)
-        return super()._log_prob_pass(local, with_entropy=with_entropy)
+        # The old policy's pass of a rollout being prepared records the routes training replays.
+        old_policy = self._preparing and not self._store_prefix.startswith("ref")
+        recording = self.routing.recording() if self.routing is not None and old_policy else None
+        with recording or contextlib.nullcontext():
+            return super()._log_prob_pass(local, with_entropy=with_entropy)
+
+    def prepare(self, batch: RolloutBatch, values: list[list[float]] | None = None) -> dict[int, list[float]]:
+        self._preparing = True
+        try:
+            return super().prepare(batch, values)
+        finally:
+            self._preparing = False
 
     # -------------------------------------------------------------------------------------------- train
     def train(self, rollout_id: int) -> dict[str, Any]:
         self._rollout_id = rollout_id
         self._step_id = 0
-        return super().train(rollout_id)
+        with self.routing.replaying() if self.routing is not None else contextlib.nullcontext():
+            return super().train(rollout_id)
 
     def _before_micro_batch(self, *, last: bool) -> None:
         """Megatron's DDP reduces the gradient buffers in ``finalize_model_grads``, after the last micro-batch."""
@@ -341,8 +367,8 @@ class MegatronTrainWorker(TrainWorker):
         """Zero AdamW state at step 0 for every parameter that has none (a run that has not stepped yet).
 
         Without TransformerEngine or Apex, megatron-core's distributed optimizer wraps plain torch AdamW and reads a
-        ``step`` from every parameter's state when it builds the state dict to load into; its own initialiser sets
-        the moments but no step. What is made here is what loading then overwrites.
+        ``step`` from every parameter's state when it builds the state dict to load into (a fresh optimizer has
+        none); what is made here is what :meth:`_load_optimizer` then overwrites.
         """
         for wrapped in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = getattr(wrapped, "optimizer", None)
@@ -360,6 +386,41 @@ class MegatronTrainWorker(TrainWorker):
                     state.setdefault("exp_avg", torch.zeros_like(param))
                     state.setdefault("exp_avg_sq", torch.zeros_like(param))
 
+    def _load_optimizer(self, saved: Any) -> None:
+        """Load a distributed-optimizer state saved by :meth:`save` (fully reshardable).
+
+        megatron-core's own loader breaks on plain torch AdamW, its fallback without TransformerEngine or Apex:
+        it gives every parameter's state one shared ``step`` tensor (taken from the parameter groups), then
+        copies the saved tensors into every tensor of that state while the saved entries carry no ``step``
+        (KeyError 'step'); and a ``step`` shared by all parameters would be advanced once per parameter by the
+        next ``foreach`` AdamW step, skewing its bias correction. So the groups are loaded first, each
+        parameter's ``step`` is set aside while the saved moments and main parameters are copied in, and it comes
+        back as a tensor of its own. With TransformerEngine or Apex there is no per-parameter ``step`` and this
+        is megatron-core's loader step for step.
+        """
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        if len(optimizers) == 1:
+            parts = [saved]
+        else:
+            parts = [saved[index] for index in sorted(saved)] if isinstance(saved, dict) else list(saved)
+        for optimizer, part in zip(optimizers, parts, strict=True):
+            part = dict(part)
+            param_state = part.pop("param_state", None)
+            sharding_type = part.pop("param_state_sharding_type", None)
+            optimizer.load_state_dict(part)
+            if param_state is None:
+                continue
+            if sharding_type != "fully_reshardable":
+                raise ValueError(
+                    f"--load: distributed-optimizer state of type {sharding_type!r}; this backend saves and "
+                    "loads 'fully_reshardable'"
+                )
+            inner = optimizer.optimizer.state
+            steps = {param: state.pop("step") for param, state in inner.items() if "step" in state}
+            optimizer.load_parameter_state_from_fully_reshardable(param_state)
+            for param, step in steps.items():
+                inner[param]["step"] = step.detach().clone()
+
     def _dist_load(self, path: Path, *, load_optimizer: bool) -> None:
         from megatron.core import dist_checkpointing
 
@@ -370,7 +431,7 @@ class MegatronTrainWorker(TrainWorker):
         )
         self.model.module.load_state_dict(state["model"])
         if load_optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state["optimizer"])
 
     def load(self, directory: str, *, load_optimizer: bool, load_rng: bool) -> None:
         path = Path(directory)

@@ -1,0 +1,88 @@
+"""``--use-routing-replay``: the experts every token was routed to while the old policy's log-probs were computed
+are recorded, and the training forwards route each token to those experts again, so the policy ratio compares two
+forwards of the same experts (slime's ``record`` and ``replay_forward`` stages; the reference pass routes freely).
+
+It drives megatron-core's ``RouterReplay`` (one per MoE layer, made when the model is built with
+``moe_enable_routing_replay``). Routes are kept per sample, ``[tokens, MoE layers, top-k]``, so a training
+micro-batch may pack other samples together than the log-prob pass did (``--log-probs-max-tokens-per-gpu``,
+dynamic batching, several optimizer steps per rollout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+class RoutingReplay:
+    """The recorded routes of this rank's samples of one rollout, and the record/replay switch of each forward."""
+
+    def __init__(self) -> None:
+        self.routes: dict[int, torch.Tensor] = {}
+        self.mode: str | None = None
+
+    @staticmethod
+    def forget_routers() -> None:
+        """Drop the routers of a previously built model: megatron-core keeps every ``RouterReplay`` it makes in
+        one process-wide list, in layer order."""
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.clear_global_router_replay_instances()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """The forwards inside record the routes of the samples they see (the old policy's log-prob pass)."""
+        self.routes.clear()
+        self.mode = "record"
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """The forwards inside route every token as recorded (the training forwards); the routes are dropped after.
+        Without a recording (no old-policy pass: ``sft_loss``, ``--disable-compute-advantages-and-returns``) they
+        route freely."""
+        self.mode = "replay" if self.routes else None
+        try:
+            yield
+        finally:
+            self.mode = None
+            self.routes.clear()
+
+    @contextlib.contextmanager
+    def forward(self, positions: list[int], lengths: list[int]) -> Iterator[None]:
+        """Around one forward of the packed samples ``positions`` (local sample positions) of ``lengths`` tokens."""
+        if self.mode is None:
+            yield
+            return
+        from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+        if self.mode == "replay":
+            missing = [i for i in positions if i not in self.routes]
+            if missing:
+                raise RuntimeError(
+                    f"--use-routing-replay: no routes were recorded for local samples {missing}; the old policy's "
+                    "log-prob pass records them before training"
+                )
+            routes = torch.cat([self.routes[i] for i in positions]).long()
+            RouterReplay.set_replay_data(list(routes.unbind(dim=1)))
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        else:
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        try:
+            yield
+            if self.mode == "record":
+                recorded = RouterReplay.get_recorded_data()
+                if any(r is None for r in recorded):
+                    raise RuntimeError("--use-routing-replay: a MoE layer recorded no routes in this forward")
+                # int32 per sample: a quarter of what int64 indices would keep through the rollout.
+                routes = torch.stack(recorded, dim=1).to(torch.int32)
+                for i, part in zip(positions, routes.split(lengths), strict=True):
+                    self.routes[i] = part
+        finally:
+            RouterReplay.clear_global_indices()
+            RouterReplay.clear_global_router_replay_action()
