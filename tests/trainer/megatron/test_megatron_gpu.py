@@ -263,18 +263,32 @@ def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch):
         worker.shutdown()
 
 
+# Two-GPU layouts: (model fixture, flags of both runs, flags of the two-GPU run).
+LAYOUTS = {
+    "tp2": ("model_dir", (), ("--tensor-model-parallel-size", "2")),
+    "dp2": ("model_dir", (), ()),
+    "tp2_sequence_parallel": ("model_dir", (), ("--tensor-model-parallel-size", "2", "--sequence-parallel")),
+    "moe_ep2": ("moe_dir", (), ("--expert-model-parallel-size", "2")),
+    "moe_tp2_sequence_parallel_routing_replay": (
+        "moe_dir",
+        ("--use-routing-replay",),
+        ("--tensor-model-parallel-size", "2", "--sequence-parallel"),
+    ),
+}
+
+
 @two_gpus
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
-def test_two_gpus_give_the_loss_of_one(model_dir, layout):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_two_gpus_give_the_loss_of_one(request, layout):
+    fixture, common, parallel = LAYOUTS[layout]
+    model = request.getfixturevalue(fixture)
+    # Odd sequence lengths: under sequence parallelism some packed rows need padding.
     batch = random_batch(8, seed=7, prompt=(4, 12), response=(4, 12))
-    with _megatron(model_dir) as single:
+    with _megatron(model, *common) as single:
         one_lp = _flat(single.compute_log_probs(batch))
         one = single.train_step(batch, rollout_id=0).steps[0]
         one_sum = single.parameter_checksum()
-    flags = ["--actor-num-gpus-per-node", "2"]
-    if layout == "tp2":
-        flags += ["--tensor-model-parallel-size", "2"]
-    with _megatron(model_dir, *flags) as double:
+    with _megatron(model, *common, "--actor-num-gpus-per-node", "2", *parallel) as double:
         two_lp = _flat(double.compute_log_probs(batch))
         two = double.train_step(batch, rollout_id=0).steps[0]
         two_sum = double.parameter_checksum()

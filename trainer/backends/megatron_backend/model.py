@@ -22,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module, MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from trainer.backends.megatron_backend import convert
 from trainer.backends.megatron_backend.config import Architecture
@@ -83,6 +84,20 @@ class PackedSDPAttention(MegatronModule):
         return out.reshape(out.shape[0], -1)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` built the way megatron-core builds its norms, usable under sequence parallelism.
+
+    megatron-core's torch-norm fallback (no TransformerEngine or Apex) refuses ``--sequence-parallel``. Under it,
+    each tensor-parallel rank normalises its own slice of the sequence, so the weight's gradient is partial per
+    rank: the ``sequence_parallel`` mark has ``finalize_model_grads`` sum it over the tensor-parallel group (as it
+    does for TransformerEngine's norms). The same module, weights and numerics as the fallback otherwise.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def megatron_available() -> bool:
     try:
         import megatron.core  # noqa: F401
@@ -129,7 +144,7 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        sequence_parallel=False,
+        sequence_parallel=bool(args.sequence_parallel) and args.tensor_model_parallel_size > 1,
         params_dtype=dtype,
         bf16=args.bf16,
         pipeline_dtype=dtype,
@@ -149,10 +164,17 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig) -> GPTModel:
         qk_layernorm=s.qk_norm,
         normalization="RMSNorm",
     )
-    spec.submodules.self_attention.submodules.core_attention = PackedSDPAttention
+    layer = spec.submodules
+    layer.self_attention.submodules.core_attention = PackedSDPAttention
+    layer.input_layernorm = RMSNorm
+    layer.pre_mlp_layernorm = RMSNorm
+    if s.qk_norm:
+        layer.self_attention.submodules.q_layernorm = RMSNorm
+        layer.self_attention.submodules.k_layernorm = RMSNorm
+    block = TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=RMSNorm)
     return GPTModel(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=block,
         vocab_size=s.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=True,
@@ -318,14 +340,30 @@ def packed_seq_params(lengths: list[int], device: torch.device) -> PackedSeqPara
     )
 
 
-def forward_logits(model: torch.nn.Module, packed: PackedBatch, *, vocab_size: int) -> torch.Tensor:
+def sequence_multiple(config: TransformerConfig) -> int:
+    """What a packed row's length must divide by: under sequence parallelism every tensor-parallel rank takes an
+    equal slice of it."""
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def forward_logits(
+    model: torch.nn.Module, packed: PackedBatch, *, vocab_size: int, multiple: int = 1
+) -> torch.Tensor:
     """Logits ``[T, vocab_size]`` (float32) of one packed row: vocabulary-parallel shards all-gathered, padding
-    rows of the vocabulary dropped."""
+    rows of the vocabulary dropped. A row that does not divide by ``multiple`` is padded with a sequence of its
+    own (attended to by nothing else) whose logits are dropped."""
+    input_ids, position_ids, lengths = packed.input_ids, packed.position_ids, list(packed.total_lengths)
+    pad = -packed.num_tokens % multiple
+    if pad:
+        input_ids = F.pad(input_ids, (0, pad))
+        filler = torch.arange(pad, dtype=position_ids.dtype, device=position_ids.device)
+        position_ids = torch.cat([position_ids, filler.unsqueeze(0)], dim=1)
+        lengths.append(pad)
     logits = model(
-        input_ids=packed.input_ids,
-        position_ids=packed.position_ids,
+        input_ids=input_ids,
+        position_ids=position_ids,
         attention_mask=None,
-        packed_seq_params=packed_seq_params(list(packed.total_lengths), packed.input_ids.device),
+        packed_seq_params=packed_seq_params(lengths, input_ids.device),
     )
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    return logits[0, :, :vocab_size].float()
+    return logits[0, : packed.num_tokens, :vocab_size].float()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 class RoutingReplay:
@@ -54,8 +56,12 @@ class RoutingReplay:
             self.routes.clear()
 
     @contextlib.contextmanager
-    def forward(self, positions: list[int], lengths: list[int]) -> Iterator[None]:
-        """Around one forward of the packed samples ``positions`` (local sample positions) of ``lengths`` tokens."""
+    def forward(
+        self, positions: list[int], lengths: list[int], *, padding: int = 0, sequence_group: Any = None
+    ) -> Iterator[None]:
+        """Around one forward of the packed samples ``positions`` (local sample positions) of ``lengths`` tokens,
+        followed by ``padding`` filler tokens. Under sequence parallelism (``sequence_group``, the tensor-parallel
+        group) each rank routes only its slice of the row: recorded slices are gathered, replayed ones cut."""
         if self.mode is None:
             yield
             return
@@ -69,6 +75,12 @@ class RoutingReplay:
                     "log-prob pass records them before training"
                 )
             routes = torch.cat([self.routes[i] for i in positions]).long()
+            if padding:
+                # Filler tokens take any valid distinct experts; their outputs are dropped.
+                topk = torch.arange(routes.shape[2], device=routes.device)
+                routes = torch.cat([routes, topk.expand(padding, routes.shape[1], -1)])
+            if sequence_group is not None:
+                routes = routes.chunk(dist.get_world_size(sequence_group))[dist.get_rank(sequence_group)]
             RouterReplay.set_replay_data(list(routes.unbind(dim=1)))
             RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
         else:
@@ -79,8 +91,13 @@ class RoutingReplay:
                 recorded = RouterReplay.get_recorded_data()
                 if any(r is None for r in recorded):
                     raise RuntimeError("--use-routing-replay: a MoE layer recorded no routes in this forward")
-                # int32 per sample: a quarter of what int64 indices would keep through the rollout.
-                routes = torch.stack(recorded, dim=1).to(torch.int32)
+                routes = torch.stack(recorded, dim=1)
+                if sequence_group is not None:
+                    parts = [torch.empty_like(routes) for _ in range(dist.get_world_size(sequence_group))]
+                    dist.all_gather(parts, routes.contiguous(), group=sequence_group)
+                    routes = torch.cat(parts)
+                # int32 per sample: half of what int64 indices would keep through the rollout.
+                routes = routes[: sum(lengths)].to(torch.int32)
                 for i, part in zip(positions, routes.split(lengths), strict=True):
                     self.routes[i] = part
         finally:

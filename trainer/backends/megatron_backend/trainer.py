@@ -47,11 +47,6 @@ def check_parallelism(args: Any) -> None:
             raise ValueError(
                 f"{flag} {value} is not supported by this Megatron backend; use 1 (tensor and data parallelism are)"
             )
-    if args.sequence_parallel:
-        raise ValueError(
-            "--sequence-parallel needs TransformerEngine or Apex norms, which this Megatron backend does not use; "
-            "drop the flag (tensor parallelism works without it)"
-        )
     tp = args.tensor_model_parallel_size
     if gpus % (tp * args.expert_model_parallel_size):
         raise ValueError(

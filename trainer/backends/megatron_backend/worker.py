@@ -240,11 +240,24 @@ class MegatronTrainWorker(TrainWorker):
 
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(self, local: LocalRollout, positions: list[int]) -> torch.Tensor:
+        from megatron.core import parallel_state as mpu
+
         packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
+        multiple = mg_model.sequence_multiple(self.config)
         if self.routing is None:
-            return mg_model.forward_logits(self.model, packed, vocab_size=self.shape.vocab_size)
-        with self.routing.forward(positions, packed.total_lengths):
-            return mg_model.forward_logits(self.model, packed, vocab_size=self.shape.vocab_size)
+            return mg_model.forward_logits(
+                self.model, packed, vocab_size=self.shape.vocab_size, multiple=multiple
+            )
+        sequence_group = mpu.get_tensor_model_parallel_group() if self.config.sequence_parallel else None
+        with self.routing.forward(
+            positions,
+            packed.total_lengths,
+            padding=-packed.num_tokens % multiple,
+            sequence_group=sequence_group,
+        ):
+            return mg_model.forward_logits(
+                self.model, packed, vocab_size=self.shape.vocab_size, multiple=multiple
+            )
 
     def _with_weights(self, tag: str) -> contextlib.AbstractContextManager[None]:
         inner = super()._with_weights(tag)
