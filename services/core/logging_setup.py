@@ -20,12 +20,25 @@ class _ServiceFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is at that moment, so a stderr replaced after set-up (redirected,
+    or captured and closed by a test runner) is followed rather than written to after it is gone."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str | int | None = None, service: str | None = None) -> None:
     """Configure the root logger once per process; ``SLIME_LOG_LEVEL`` overrides the default level."""
     level = level or os.environ.get("SLIME_LOG_LEVEL", "INFO")
     if isinstance(level, str):
         level = level.upper()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(_FORMAT))
     handler.addFilter(_ServiceFilter(service or "slime"))
     root = logging.getLogger()
