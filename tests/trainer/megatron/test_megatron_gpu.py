@@ -174,6 +174,33 @@ def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(model_dir, tmp_p
     assert resumed_sum == pytest.approx(continued_sum, rel=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_offload_frees_the_gpu_and_changes_no_result(model_dir, precision):
+    """``--offload``: buffers, main weights and moments leave the GPU (in fp32 the main weights are views of the
+    parameter buffer, in bf16 tensors of their own: both must come back wired to the model)."""
+    flags = ("--bf16",) if precision == "bf16" else ()
+    batches = [random_batch(8, seed=21), random_batch(8, seed=22)]
+    with _megatron(model_dir, *flags) as plain:
+        expected = [plain.train_step(b, rollout_id=i).steps[0] for i, b in enumerate(batches)]
+        expected_sum = plain.parameter_checksum()
+    params = sum(t.numel() for t in checkpoint.read_hf_weights(model_dir, flag="--hf-checkpoint").values())
+    with _megatron(model_dir, "--offload", *flags) as trainer:
+        steps = [trainer.train_step(batches[0], rollout_id=0).steps[0]]
+        before = trainer.parameter_checksum()
+        resident = trainer.onload()[0]
+        left = trainer.offload()[0]
+        # Parameters, gradients (fp32) and both moments: at least 16 bytes a parameter leave the GPU.
+        report(**{f"offload_{precision}_freed_bytes_per_param": (resident - left) / params})
+        assert resident - left >= 16 * params, (resident, left, params)
+        assert trainer.parameter_checksum() == before  # read while offloaded
+        trainer.onload()
+        trainer.offload()
+        steps.append(trainer.train_step(batches[1], rollout_id=1).steps[0])
+        assert trainer.parameter_checksum() == pytest.approx(expected_sum, rel=1e-6)
+    for ours, theirs in zip(steps, expected, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=1e-8)
+
+
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory) -> Path:
     return build_tiny_model(
@@ -306,7 +333,8 @@ def test_two_gpus_give_the_loss_of_one(request, layout):
 
 
 @two_gpus
-def test_slime_train_with_megatron_and_nccl_weight_sync(model_dir, tmp_path):
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "offload"])
+def test_slime_train_with_megatron_and_nccl_weight_sync(model_dir, tmp_path, offload):
     from trainer.quickstart.task import split_problems, write_jsonl
 
     train, _ = split_problems(9, eval_size=4)
@@ -323,6 +351,7 @@ def test_slime_train_with_megatron_and_nccl_weight_sync(model_dir, tmp_path):
         "--lr", "1e-4", "--use-kl-loss", "--kl-loss-coef", "0.01",
         "--output-dir", str(out), "--run-id", out.name, "--port", "0", "--log-level", "INFO",
         "--save-debug-rollout-data", str(out / "debug" / "rollout_{rollout_id}.pt"),
+        *(["--offload"] if offload else []),
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", *argv],

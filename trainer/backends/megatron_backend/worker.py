@@ -117,6 +117,7 @@ class MegatronTrainWorker(TrainWorker):
             )
         self.routing = RoutingReplay() if args.use_routing_replay else None
         self._preparing = False
+        self.offloaded = False
         self.compute_dtype = torch.bfloat16 if args.bf16 else None
         self.config = mg_model.transformer_config(self.arch, args)
         self.model, self.optimizer = self._build()
@@ -321,20 +322,96 @@ class MegatronTrainWorker(TrainWorker):
         self._step_id += 1
         return out
 
+    # ---------------------------------------------------------------------------------------- offload
+    def _ddp_buffers(self) -> list[Any]:
+        return [*self.model.buffers, *self.model.expert_parallel_buffers]
+
+    def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
+        wrapped = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [
+            w.optimizer for w in wrapped if isinstance(getattr(w, "optimizer", None), torch.optim.Optimizer)
+        ]
+
+    def offload(self) -> int:
+        """slime's sleep (``--offload``): Megatron's parameter and gradient buffers (megatron-core's own buffer
+        offload: parameters to pinned host memory, gradients dropped), the optimizer's main weights and moments to
+        host memory, the cache freed. Returns the bytes torch still holds on the device.
+
+        In fp32 the optimizer's main weights are views of the parameter buffer and travel with it; only main weights
+        of their own (bf16 training) move separately, so an update still lands in the model after ``onload``."""
+        if not self.offloaded:
+            aliased = {
+                b.param_data.untyped_storage().data_ptr()
+                for b in self._ddp_buffers()
+                if b.param_data is not None
+            }
+            for inner in self._inner_optimizers():
+                for group in inner.param_groups:
+                    for param in group["params"]:
+                        if param.is_cuda and param.untyped_storage().data_ptr() not in aliased:
+                            param.data = param.data.cpu()
+                for state in inner.state.values():
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor) and value.is_cuda:
+                            state[key] = value.cpu()
+            for buffer in self._ddp_buffers():
+                buffer.offload_to_cpu(move_params=True, move_grads=True)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        self.offloaded = True
+        return torch.cuda.memory_allocated(self.device)
+
+    def onload(self) -> int:
+        """slime's wake-up: buffers, main weights and moments back on the GPU (gradients zeroed)."""
+        if self.offloaded:
+            for buffer in self._ddp_buffers():
+                buffer.reload_from_cpu(move_params=True, move_grads=True)
+            for inner in self._inner_optimizers():
+                for group in inner.param_groups:
+                    for param in group["params"]:
+                        if not param.is_cuda:
+                            param.data = param.data.to(self.device)
+                for state in inner.state.values():
+                    for key, value in state.items():
+                        # AdamW's step counter stays on the host (neither fused nor capturable here).
+                        if isinstance(value, torch.Tensor) and key != "step":
+                            state[key] = value.to(self.device)
+        self.offloaded = False
+        return torch.cuda.memory_allocated(self.device)
+
+    @contextlib.contextmanager
+    def _weights_on_device(self) -> Iterator[None]:
+        """The parameters on the GPU for the duration (an offloaded rank pushing or summing its weights), then back
+        to host memory; gradients and optimizer state stay where they are."""
+        if not self.offloaded:
+            yield
+            return
+        for buffer in self._ddp_buffers():
+            buffer.reload_from_cpu(move_params=True, move_grads=False)
+        try:
+            yield
+        finally:
+            for buffer in self._ddp_buffers():
+                buffer.offload_to_cpu(move_params=True, move_grads=False)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     # ---------------------------------------------------------------------------------------- weights
     def parameter_checksum(self) -> list[float]:
         total = torch.zeros(2, dtype=torch.float64)
-        for _, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
-            t = tensor.double().cpu()
-            total += torch.stack([t.sum(), t.square().sum()])
+        with self._weights_on_device():
+            for _, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
+                t = tensor.double().cpu()
+                total += torch.stack([t.sum(), t.square().sum()])
         return total.tolist()
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every parameter by Hugging Face name on global rank 0 (host memory); a collective."""
         state = {}
-        for name, tensor in mg_model.iter_hf_params(self.model, self.shape):
-            if self.global_rank == 0:
-                state[name] = tensor.cpu().clone()
+        with self._weights_on_device():
+            for name, tensor in mg_model.iter_hf_params(self.model, self.shape):
+                if self.global_rank == 0:
+                    state[name] = tensor.cpu().clone()
         return state
 
     def _writes_files(self) -> bool:
@@ -467,7 +544,8 @@ class MegatronTrainWorker(TrainWorker):
 
     def push_weights(self, request: WeightPushRequest) -> WeightPushReport | None:
         """Gather each parameter over tensor (and expert) parallel ranks, convert it to Hugging Face names and
-        push bucket by bucket (``--update-weight-buffer-size``); global rank 0's report."""
+        push bucket by bucket (``--update-weight-buffer-size``); global rank 0's report. An offloaded rank brings
+        its parameters (not gradients or optimizer state) back to the GPU for the push."""
         dtype = self.compute_dtype
         sizes = mg_model.megatron_param_sizes(self.model, self.shape, dtype)
         buckets = plan_buckets(sizes, self.args.update_weight_buffer_size)
@@ -477,14 +555,15 @@ class MegatronTrainWorker(TrainWorker):
         if sender is not None:
             sender.begin(request.version)
         pending: list[tuple[str, torch.Tensor]] = []
-        for mg_name, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
-            if sender is not None:
-                converted = convert.megatron_param_to_hf(mg_name, tensor, self.shape)
-                pending.extend((n, t if dtype is None else t.to(dtype)) for n, t in converted)
-            if mg_name in last_of_bucket:
+        with self._weights_on_device():
+            for mg_name, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
                 if sender is not None:
-                    sender.send(pending)
-                pending = []
+                    converted = convert.megatron_param_to_hf(mg_name, tensor, self.shape)
+                    pending.extend((n, t if dtype is None else t.to(dtype)) for n, t in converted)
+                if mg_name in last_of_bucket:
+                    if sender is not None:
+                        sender.send(pending)
+                    pending = []
         return self._finish_push(request, sender, start, len(buckets))
 
     def _push_barrier(self) -> None:
