@@ -92,6 +92,23 @@ def test_untied_output_layer_round_trips():
         convert.ModelShape.from_hf_config({**config.to_dict(), "attention_bias": True})
 
 
+def test_critic_value_head_round_trip(model_dir, tmp_path):
+    """A token-classification critic (``score``, no ``lm_head``): the head is replicated over TP and comes back
+    under its Hugging Face name."""
+    from transformers import AutoModelForTokenClassification
+
+    torch.manual_seed(0)
+    AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(tmp_path)
+    hf, config = _hf(tmp_path)
+    assert "score.weight" in hf and "lm_head.weight" not in hf
+    shape = convert.ModelShape.from_hf_config(config)
+    mg = convert.hf_to_megatron(hf, shape)
+    assert torch.equal(mg["output_layer.score.weight"], hf["score.weight"])
+    assert torch.equal(mg["output_layer.score.bias"], hf["score.bias"])
+    assert convert.tp_split_dim("output_layer.score.weight") is None
+    _assert_bitwise(convert.megatron_to_hf(mg, shape), hf)
+
+
 def test_qwen3_moe_experts_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 

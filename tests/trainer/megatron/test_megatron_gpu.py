@@ -174,6 +174,51 @@ def test_checkpoint_from_two_data_parallel_ranks_resumes_on_one(model_dir, tmp_p
     assert resumed_sum == pytest.approx(continued_sum, rel=1e-5)
 
 
+def test_ppo_critic_matches_the_torch_backend_and_resumes(model_dir, tmp_path):
+    """PPO with a Megatron critic (value head replicated over TP) started from the same token-classification
+    checkpoint as the torch backend's critic: same values, so the same value loss and actor loss; the critic's
+    checkpoint (``<save>/critic``) resumes exactly."""
+    from transformers import AutoModelForTokenClassification
+
+    critic = tmp_path / "critic_init"
+    torch.manual_seed(0)
+    AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1).save_pretrained(critic)
+    ppo = ("--advantage-estimator", "ppo", "--critic-load", str(critic), "--critic-lr", "1e-3")
+    first, second = random_batch(8, seed=41, prompt=(4, 12), response=(4, 12)), random_batch(8, seed=42)
+    with TorchTrainer(trainer_args(model_dir, *STEP, *ppo)) as torch_trainer:
+        ref = torch_trainer.train_step(first, rollout_id=0)
+    ckpt = ("--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"))
+    with _megatron(model_dir, *ppo, *ckpt) as trainer:
+        got = trainer.train_step(first, rollout_id=0)
+        trainer.save(0)
+        continued = trainer.train_step(second, rollout_id=1)
+    report(
+        critic_value_loss_rel=_rel(got.critic_steps[0]["value_loss"], ref.critic_steps[0]["value_loss"]),
+        critic_grad_norm_rel=_rel(got.critic_steps[0]["grad_norm"], ref.critic_steps[0]["grad_norm"]),
+        ppo_actor_loss_rel=_rel(got.steps[0]["loss"], ref.steps[0]["loss"]),
+    )
+    assert got.critic_steps[0]["value_loss"] == pytest.approx(ref.critic_steps[0]["value_loss"], rel=1e-3)
+    assert got.critic_steps[0]["grad_norm"] == pytest.approx(ref.critic_steps[0]["grad_norm"], rel=1e-3)
+    assert got.steps[0]["loss"] == pytest.approx(ref.steps[0]["loss"], rel=1e-3, abs=1e-6)
+    assert (tmp_path / "ckpt" / "critic" / "iter_0000000" / "model" / "metadata.json").is_file()
+    # Resuming, --critic-load names the critic's checkpoints (slime's meaning), not its starting weights.
+    resume = (
+        "--advantage-estimator",
+        "ppo",
+        "--critic-load",
+        str(tmp_path / "ckpt" / "critic"),
+        "--critic-lr",
+        "1e-3",
+    )
+    with _megatron(model_dir, *resume, *ckpt) as resumed:
+        assert resumed.load() == 0
+        again = resumed.train_step(second, rollout_id=1)
+    assert again.critic_steps[0]["value_loss"] == pytest.approx(
+        continued.critic_steps[0]["value_loss"], rel=1e-6
+    )
+    assert again.steps[0]["loss"] == pytest.approx(continued.steps[0]["loss"], rel=1e-6, abs=1e-8)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_offload_frees_the_gpu_and_changes_no_result(model_dir, precision):
     """``--offload``: buffers, main weights and moments leave the GPU (in fp32 the main weights are views of the

@@ -14,6 +14,7 @@ Megatron names are those of megatron-core's ``GPTModel`` built with the local (n
     decoder.layers.L.mlp.router.weight                       MoE: router, and experts.local_experts.E.linear_fc1/2
     decoder.final_layernorm.weight
     output_layer.weight                                      absent when embeddings are tied
+    output_layer.score.{weight,bias}        score.*           a critic's value head (token classification)
 
 Tensor parallelism splits column-parallel weights (QKV by whole KV groups, each rank's fc1 holding its own
 ``[gate_r; up_r]``, embeddings and the output layer by vocab rows) along dim 0 and row-parallel ones
@@ -55,6 +56,11 @@ def padded_vocab_size(
         return padded
     multiple = max(make_divisible_by, 1) * tp_size
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+# A critic's value head (``hidden → 1``, replicated over TP): Hugging Face name → Megatron name.
+VALUE_HEAD = {"score.weight": "output_layer.score.weight", "score.bias": "output_layer.score.bias"}
+_VALUE_HEAD_TO_HF = {mg: hf for hf, mg in VALUE_HEAD.items()}
 
 
 @dataclass(frozen=True)
@@ -180,8 +186,10 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], shape: ModelShape) -> dict[st
         "embedding.word_embeddings.weight": _pad_vocab(hf["model.embed_tokens.weight"], shape),
         "decoder.final_layernorm.weight": hf["model.norm.weight"],
     }
-    if not shape.tie_word_embeddings:
+    if not shape.tie_word_embeddings and "lm_head.weight" in hf:
         out["output_layer.weight"] = _pad_vocab(hf["lm_head.weight"], shape)
+    # A critic's value head (a token-classification checkpoint's ``score``), replicated over TP.
+    out.update({mg: hf[key] for key, mg in VALUE_HEAD.items() if key in hf})
     for layer in range(shape.num_layers):
         src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
         attn = src + "self_attn."
@@ -227,6 +235,8 @@ def megatron_param_to_hf(
         return [("model.embed_tokens.weight", tensor[: shape.vocab_size])]
     if name == "output_layer.weight":
         return [("lm_head.weight", tensor[: shape.vocab_size])]
+    if name in _VALUE_HEAD_TO_HF:
+        return [(_VALUE_HEAD_TO_HF[name], tensor)]
     if name == "decoder.final_layernorm.weight":
         return [("model.norm.weight", tensor)]
     match = _LAYER.match(name)

@@ -98,6 +98,37 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class ValueHead(MegatronModule):
+    """A critic's ``hidden → 1`` head in place of ``GPTModel``'s output layer (Hugging Face token classification's
+    ``score``). One output column cannot be split, so every tensor-parallel rank holds it whole and computes the
+    same values; under sequence parallelism it first gathers the sequence (the backward keeps this rank's slice,
+    since every rank's loss is the same)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config=config)
+        self.score = torch.nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor, *_: Any, **__: Any) -> tuple[torch.Tensor, None]:
+        if self.config.sequence_parallel:
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
+        return self.score(hidden_states), None
+
+
+class CriticGPTModel(GPTModel):
+    """``GPTModel`` whose output layer is a :class:`ValueHead`."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> Any:
+        # megatron-core's language-model checkpoint logic expects a vocabulary output layer
+        # (``output_layer.weight``) on the last stage; the value head is saved as any other replicated module.
+        post_process, self.post_process = self.post_process, False
+        try:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self.post_process = post_process
+
+
 def megatron_available() -> bool:
     try:
         import megatron.core  # noqa: F401
@@ -155,8 +186,8 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
     )
 
 
-def build_gpt_model(arch: Architecture, config: TransformerConfig) -> GPTModel:
-    """The bare ``GPTModel`` (not yet on the GPU, weights uninitialised)."""
+def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head: bool = False) -> GPTModel:
+    """The bare ``GPTModel`` (not yet on the GPU, weights uninitialised); with ``value_head``, a critic."""
     s = arch.shape
     spec = get_gpt_layer_local_spec(
         num_experts=s.num_experts or None,
@@ -172,7 +203,7 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig) -> GPTModel:
         layer.self_attention.submodules.q_layernorm = RMSNorm
         layer.self_attention.submodules.k_layernorm = RMSNorm
     block = TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=RMSNorm)
-    return GPTModel(
+    gpt = (CriticGPTModel if value_head else GPTModel)(
         config=config,
         transformer_layer_spec=block,
         vocab_size=s.padded_vocab_size,
@@ -180,12 +211,15 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig) -> GPTModel:
         pre_process=True,
         post_process=True,
         parallel_output=True,
-        share_embeddings_and_output_weights=s.tie_word_embeddings,
+        share_embeddings_and_output_weights=s.tie_word_embeddings and not value_head,
         position_embedding_type="rope",
         rotary_base=int(arch.rotary_base),
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
+    if value_head:
+        gpt.output_layer = ValueHead(config)
+    return gpt
 
 
 def wrap_fp16(model: GPTModel, config: TransformerConfig) -> torch.nn.Module:
@@ -346,12 +380,9 @@ def sequence_multiple(config: TransformerConfig) -> int:
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
-def forward_logits(
-    model: torch.nn.Module, packed: PackedBatch, *, vocab_size: int, multiple: int = 1
-) -> torch.Tensor:
-    """Logits ``[T, vocab_size]`` (float32) of one packed row: vocabulary-parallel shards all-gathered, padding
-    rows of the vocabulary dropped. A row that does not divide by ``multiple`` is padded with a sequence of its
-    own (attended to by nothing else) whose logits are dropped."""
+def _forward_packed(model: torch.nn.Module, packed: PackedBatch, multiple: int) -> torch.Tensor:
+    """The model's output ``[1, T', X]`` for one packed row, padded with a sequence of its own (attended to by
+    nothing else) to a length that divides by ``multiple``."""
     input_ids, position_ids, lengths = packed.input_ids, packed.position_ids, list(packed.total_lengths)
     pad = -packed.num_tokens % multiple
     if pad:
@@ -359,11 +390,25 @@ def forward_logits(
         filler = torch.arange(pad, dtype=position_ids.dtype, device=position_ids.device)
         position_ids = torch.cat([position_ids, filler.unsqueeze(0)], dim=1)
         lengths.append(pad)
-    logits = model(
+    return model(
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=None,
         packed_seq_params=packed_seq_params(lengths, input_ids.device),
     )
-    logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+def forward_logits(
+    model: torch.nn.Module, packed: PackedBatch, *, vocab_size: int, multiple: int = 1
+) -> torch.Tensor:
+    """Logits ``[T, vocab_size]`` (float32) of one packed row: vocabulary-parallel shards all-gathered, padding
+    rows of the vocabulary and the filler tokens of ``multiple`` dropped."""
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+        _forward_packed(model, packed, multiple)
+    )
     return logits[0, : packed.num_tokens, :vocab_size].float()
+
+
+def forward_values(model: torch.nn.Module, packed: PackedBatch, *, multiple: int = 1) -> torch.Tensor:
+    """A critic's values ``[T, 1]`` (float32) of one packed row."""
+    return _forward_packed(model, packed, multiple)[0, : packed.num_tokens].float()

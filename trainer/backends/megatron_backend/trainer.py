@@ -9,7 +9,7 @@ from typing import Any
 
 from trainer.backends.torch_backend.group import WorkerGroup
 from trainer.backends.torch_backend.trainer import TorchTrainer
-from trainer.backends.torch_backend.worker import ACTOR
+from trainer.backends.torch_backend.worker import ACTOR, CRITIC
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +47,30 @@ def check_parallelism(args: Any) -> None:
             raise ValueError(
                 f"{flag} {value} is not supported by this Megatron backend; use 1 (tensor and data parallelism are)"
             )
-    tp = args.tensor_model_parallel_size
-    if gpus % (tp * args.expert_model_parallel_size):
-        raise ValueError(
-            f"--actor-num-gpus-per-node {gpus} must be a multiple of --tensor-model-parallel-size {tp} × "
-            f"--expert-model-parallel-size {args.expert_model_parallel_size}"
-        )
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    groups = [("--actor-num-gpus-per-node", gpus)]
     if args.use_critic:
-        raise ValueError(
-            f"--advantage-estimator {args.advantage_estimator} needs a critic, which --train-backend megatron "
-            "does not train; use --train-backend fsdp"
-        )
+        if args.critic_num_nodes != 1:
+            raise ValueError(
+                "--train-backend megatron runs the critic's ranks on the trainer's host: set --critic-num-nodes 1"
+            )
+        groups.append(("--critic-num-gpus-per-node", args.critic_num_gpus_per_node))
+    for flag, count in groups:
+        if count % (tp * ep):
+            raise ValueError(
+                f"{flag} {count} must be a multiple of --tensor-model-parallel-size {tp} × "
+                f"--expert-model-parallel-size {ep}"
+            )
 
 
 class MegatronWorkerGroup(WorkerGroup):
-    """The actor's Megatron ranks, one child process per GPU, even for one rank."""
+    """The actor's or the critic's Megatron ranks, one child process per GPU, even for one rank."""
 
     rank_module = "trainer.backends.megatron_backend.rank"
     single_rank_in_process = False
 
-    def __init__(self, args: Any, *, world_size: int, gpu_offset: int = 0) -> None:
-        super().__init__(args, role=ACTOR, world_size=world_size, gpu_offset=gpu_offset)
+    def __init__(self, args: Any, *, world_size: int, gpu_offset: int = 0, role: str = ACTOR) -> None:
+        super().__init__(args, role=role, world_size=world_size, gpu_offset=gpu_offset)
 
 
 def actor_gpu_offset(args: Any) -> int:
@@ -93,4 +96,18 @@ class MegatronTrainer(TorchTrainer):
     def _actor_group(self, args: Any) -> WorkerGroup:
         return MegatronWorkerGroup(
             args, world_size=args.actor_num_gpus_per_node, gpu_offset=actor_gpu_offset(args)
+        )
+
+    def _critic_group(self, args: Any) -> WorkerGroup:
+        """The critic's Megatron ranks (same parallel layout as the actor): after the actor's GPUs when the host
+        has enough, else on the actor's."""
+        import torch
+
+        actor = actor_gpu_offset(args) + args.actor_num_gpus_per_node
+        spare = torch.cuda.device_count() >= actor + args.critic_num_gpus_per_node
+        return MegatronWorkerGroup(
+            args,
+            role=CRITIC,
+            world_size=args.critic_num_gpus_per_node,
+            gpu_offset=actor if spare else actor_gpu_offset(args),
         )

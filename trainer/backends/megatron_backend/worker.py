@@ -1,5 +1,5 @@
-"""One rank of the Megatron backend: a tensor-parallel shard of megatron-core's ``GPTModel`` under Megatron's
-``DistributedDataParallel`` and optimizer.
+"""One rank of the Megatron backend: a tensor-parallel shard of megatron-core's ``GPTModel`` (the actor, or with a
+value head the PPO critic) under Megatron's ``DistributedDataParallel`` and optimizer.
 
 It is the torch backend's ``TrainWorker`` with the model, the forward pass, the optimizer step, checkpoints,
 export and the weight push replaced: the data schedule (DP partition, micro-batches, dynamic batching), the
@@ -35,6 +35,7 @@ from trainer.backends.torch_backend import model as model_lib
 from trainer.backends.torch_backend.optim import LRSchedule, OptimizerConfig
 from trainer.backends.torch_backend.worker import (
     ACTOR,
+    CRITIC,
     DistInit,
     LocalRollout,
     TrainWorker,
@@ -56,15 +57,13 @@ def _load_hook(path: str | None, flag: str) -> Any:
 
 
 class MegatronTrainWorker(TrainWorker):
-    """One rank of the actor (tensor × data parallel)."""
+    """One rank of the actor or the critic (tensor × expert × data parallel)."""
 
     def __init__(
         self, args: Any, *, role: str, rank: int, world_size: int, dist_init: DistInit | None
     ) -> None:
-        if role != ACTOR:
-            raise ValueError(
-                "--train-backend megatron trains the actor only; the PPO critic runs with --train-backend fsdp"
-            )
+        if role not in (ACTOR, CRITIC):
+            raise ValueError(f"unknown role {role!r}: expected {ACTOR!r} or {CRITIC!r}")
         if dist_init is None:
             raise ValueError("a Megatron rank needs a rendezvous address")
         from megatron.core import parallel_state as mpu
@@ -99,7 +98,7 @@ class MegatronTrainWorker(TrainWorker):
         if init_hook is not None:
             init_hook(args)
 
-        self.hf_config = AutoConfig.from_pretrained(args.hf_checkpoint)
+        self.hf_config = AutoConfig.from_pretrained(self._initial_weights_path())
         self.architecture = (getattr(self.hf_config, "architectures", None) or ["Qwen2ForCausalLM"])[0]
         self.arch = architecture_from_hf(
             self.hf_config,
@@ -115,16 +114,15 @@ class MegatronTrainWorker(TrainWorker):
                 f"--use-routing-replay replays MoE expert routing, but {args.hf_checkpoint} ({self.architecture}) "
                 "has no experts"
             )
-        self.routing = RoutingReplay() if args.use_routing_replay else None
+        self.routing = RoutingReplay() if args.use_routing_replay and role == ACTOR else None
         self._preparing = False
         self.offloaded = False
         self.compute_dtype = torch.bfloat16 if args.bf16 else None
         self.config = mg_model.transformer_config(self.arch, args)
-        self.model, self.optimizer = self._build()
-
         self.steps_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
         total_steps = args.num_rollout * self.steps_per_rollout if args.num_rollout else None
         self.optim_config = OptimizerConfig.from_args(args, role=role, total_steps=total_steps)
+        self.model, self.optimizer = self._build()
         # The same schedule as the torch backend, applied to Megatron's parameter groups; it is what the
         # before-train-step hook receives as ``opt_param_scheduler``.
         self.schedule = LRSchedule(self.optimizer, self.optim_config)
@@ -150,13 +148,15 @@ class MegatronTrainWorker(TrainWorker):
         self._step_id = 0
 
         self.stores: dict[str, model_lib.TensorStore] = {}
-        if args.kl_coef != 0 or args.use_kl_loss:
-            self.stores["ref"] = self._load_reference()
-        self._reset_old_actor_stores()
+        if role == ACTOR:
+            if args.kl_coef != 0 or args.use_kl_loss:
+                self.stores["ref"] = self._load_reference()
+            self._reset_old_actor_stores()
         self.local: LocalRollout | None = None
         self.senders: dict[tuple[str, tuple[str, ...], int | None], WeightSender] = {}
         logger.info(
-            "megatron rank %d/%d (TP %d/%d, DP %d/%d) on %s: %s from %s",
+            "megatron %s rank %d/%d (TP %d/%d, DP %d/%d) on %s: %s from %s",
+            role,
             rank,
             world_size,
             self.tp_rank,
@@ -165,7 +165,7 @@ class MegatronTrainWorker(TrainWorker):
             self.world_size,
             self.device,
             self.architecture,
-            args.hf_checkpoint,
+            self._initial_weights_path(),
         )
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -177,10 +177,8 @@ class MegatronTrainWorker(TrainWorker):
         args = self.args
         if self.routing is not None:
             self.routing.forget_routers()
-        gpt = mg_model.build_gpt_model(self.arch, self.config)
-        mg_model.load_hf_state(
-            gpt, checkpoint.read_hf_weights(args.hf_checkpoint, flag="--hf-checkpoint"), self.shape
-        )
+        gpt = mg_model.build_gpt_model(self.arch, self.config, value_head=self.role == CRITIC)
+        mg_model.load_hf_state(gpt, self._initial_hf_weights(), self.shape)
         gpt.cuda(self.device)
         wrapped = mg_model.wrap_fp16(gpt, self.config)
         ddp_config = DistributedDataParallelConfig(
@@ -193,7 +191,7 @@ class MegatronTrainWorker(TrainWorker):
         optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
                 optimizer="adam",
-                lr=args.lr,
+                lr=self.optim_config.lr,
                 min_lr=args.min_lr,
                 weight_decay=args.weight_decay,
                 adam_beta1=args.adam_beta1,
@@ -208,8 +206,19 @@ class MegatronTrainWorker(TrainWorker):
         )
         return model, optimizer
 
-    def _initial_weights_path(self) -> str:
-        return self.args.hf_checkpoint
+    def _initial_hf_weights(self) -> dict[str, torch.Tensor]:
+        """The starting weights by Hugging Face name: the policy's, or the critic's (``--critic-load`` as a Hugging
+        Face directory, else the policy's body with a new value head initialised as Hugging Face does: normal with
+        the config's ``initializer_range``, zero bias, from ``--seed``)."""
+        path = self._initial_weights_path()
+        flag = "--critic-load" if path != self.args.hf_checkpoint else "--hf-checkpoint"
+        weights = dict(checkpoint.read_hf_weights(path, flag=flag))
+        if self.role == CRITIC and "score.weight" not in weights:
+            std = float(getattr(self.hf_config, "initializer_range", 0.02))
+            generator = torch.Generator().manual_seed(self.args.seed)
+            weights["score.weight"] = torch.randn(1, self.shape.hidden_size, generator=generator) * std
+            weights["score.bias"] = torch.zeros(1)
+        return weights
 
     def _load_reference(self) -> model_lib.TensorStore:
         """``--ref-load`` as a checkpoint of this backend, a ``slime convert`` Megatron checkpoint or a Hugging
@@ -245,6 +254,8 @@ class MegatronTrainWorker(TrainWorker):
 
         packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
         multiple = mg_model.sequence_multiple(self.config)
+        if self.role == CRITIC:
+            return mg_model.forward_values(self.model, packed, multiple=multiple)
         if self.routing is None:
             return mg_model.forward_logits(
                 self.model, packed, vocab_size=self.shape.vocab_size, multiple=multiple
@@ -532,7 +543,8 @@ class MegatronTrainWorker(TrainWorker):
             self.schedule.load_state_dict(state["schedule"])
             if load_rng and rank_file.is_file():
                 checkpoint.set_rng_state(state["rng"])
-        self._reset_old_actor_stores()
+        if self.role == ACTOR:
+            self._reset_old_actor_stores()
         self._world_barrier()
 
     # ------------------------------------------------------------------------------------- weight push

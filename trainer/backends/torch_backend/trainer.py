@@ -103,13 +103,7 @@ class TorchTrainer:
         self.critic: WorkerGroup | None = None
         try:
             if args.use_critic:
-                # The critic gets the GPUs after the actor's when the host has enough (slime gives it its own),
-                # else it shares the actor's.
-                actor_gpus, critic_gpus = args.actor_num_gpus_per_node, args.critic_num_gpus_per_node
-                spare = torch.cuda.is_available() and torch.cuda.device_count() >= actor_gpus + critic_gpus
-                self.critic = WorkerGroup(
-                    args, role=CRITIC, world_size=critic_gpus, gpu_offset=actor_gpus if spare else 0
-                )
+                self.critic = self._critic_group(args)
         except BaseException:
             self.actor.close()
             raise
@@ -117,6 +111,13 @@ class TorchTrainer:
     def _actor_group(self, args: Any) -> WorkerGroup:
         """The actor's ranks (the Megatron backend starts its own kind)."""
         return WorkerGroup(args, role=ACTOR, world_size=args.actor_num_gpus_per_node)
+
+    def _critic_group(self, args: Any) -> WorkerGroup:
+        """The critic's ranks: on the GPUs after the actor's when the host has enough (slime gives it its own), else
+        on the actor's."""
+        actor_gpus, critic_gpus = args.actor_num_gpus_per_node, args.critic_num_gpus_per_node
+        spare = torch.cuda.is_available() and torch.cuda.device_count() >= actor_gpus + critic_gpus
+        return WorkerGroup(args, role=CRITIC, world_size=critic_gpus, gpu_offset=actor_gpus if spare else 0)
 
     # ------------------------------------------------------------------------------------------ offload
     @property
