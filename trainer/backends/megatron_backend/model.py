@@ -186,9 +186,21 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
     )
 
 
+def _moe_without_transformer_engine() -> None:
+    """megatron-core 0.16 leaves ``moe_utils.te_general_gemm`` undefined when TransformerEngine is missing, and its
+    router's gating linear tests ``te_general_gemm is not None`` (NameError on every MoE forward); the name is meant
+    to be None there, as later releases define it."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head: bool = False) -> GPTModel:
     """The bare ``GPTModel`` (not yet on the GPU, weights uninitialised); with ``value_head``, a critic."""
     s = arch.shape
+    if s.num_experts:
+        _moe_without_transformer_engine()
     spec = get_gpt_layer_local_spec(
         num_experts=s.num_experts or None,
         moe_grouped_gemm=False,
