@@ -99,7 +99,7 @@ def serve_in_memory_baseline(port: int) -> None:
 
 
 def make_item(stream: str, n: int) -> bytes:
-    """Item n of one client's stream: a trajectory of typical agent size (~1.5 KB) with a unique uid."""
+    """Item n of one client's stream: a trajectory of typical agent size (~1.1 kB) with a unique uid."""
     return orjson.dumps(
         {
             "uid": f"{stream}-{n}",

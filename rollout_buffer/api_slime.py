@@ -13,6 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
+from starlette.routing import Route
 
 from rollout_buffer import metrics
 from rollout_buffer.schemas import Trajectory, parse_json, validate
@@ -30,39 +31,44 @@ def _service(request: Request) -> BufferService:
     return request.app.state.buffer
 
 
+async def buffer_write(request: Request) -> Response:
+    """Store one trajectory item ``{uid, instance_id, messages, reward, extra_info}``."""
+    service = _service(request)
+    raw = await request.body()
+    item = parse_json(raw)
+    if not isinstance(item, dict):
+        metrics.child(metrics.REJECTED, "invalid_field").inc()
+        raise ApiError(422, "body: must be one JSON object (a trajectory item)", field="body")
+    validate(Trajectory, item)
+    # Stored verbatim, as slime stores it; extra_info is added when missing since slime's readers require it.
+    payload = raw if "extra_info" in item else orjson.dumps({**item, "extra_info": {}})
+    item.setdefault("extra_info", {})
+    result = await service.write_trajectories(
+        service.run_of(None), [item], group_size=None, source="slime", payloads=[payload]
+    )
+    message = (
+        b"Data has been successfully written to buffer"
+        if result.stored
+        else b"Duplicate uid: the item was already stored"
+    )
+    # slime echoes the item back; building the bytes avoids a second validation pass on the way out.
+    body = b'{"success":true,"message":"%s","data":{"data":[%s],"meta_info":"write to buffer"}}' % (
+        message,
+        payload,
+    )
+    return Response(body, media_type="application/json")
+
+
+# The hot path: a plain Starlette route, which the app's front (asgi_front.py) calls directly, spared FastAPI's
+# layers; the app's middleware and error handlers still apply, and the body is validated against the
+# Trajectory model as everywhere else.
+WRITE_ROUTE = Route("/buffer/write", buffer_write, methods=["POST"], include_in_schema=False)
+
+
 def build_router() -> APIRouter:
     router = APIRouter(tags=["slime"])
-
-    async def buffer_write(request: Request) -> Response:
-        """Store one trajectory item ``{uid, instance_id, messages, reward, extra_info}``."""
-        service = _service(request)
-        raw = await request.body()
-        item = parse_json(raw)
-        if not isinstance(item, dict):
-            metrics.child(metrics.REJECTED, "invalid_field").inc()
-            raise ApiError(422, "body: must be one JSON object (a trajectory item)", field="body")
-        validate(Trajectory, item)
-        # Stored verbatim, as slime stores it; extra_info is added when missing since slime's readers require it.
-        payload = raw if "extra_info" in item else orjson.dumps({**item, "extra_info": {}})
-        item.setdefault("extra_info", {})
-        result = await service.write_trajectories(
-            service.run_of(None), [item], group_size=None, source="slime", payloads=[payload]
-        )
-        message = (
-            b"Data has been successfully written to buffer"
-            if result.stored
-            else b"Duplicate uid: the item was already stored"
-        )
-        # slime echoes the item back; building the bytes avoids a second validation pass on the way out.
-        body = b'{"success":true,"message":"%s","data":{"data":[%s],"meta_info":"write to buffer"}}' % (
-            message,
-            payload,
-        )
-        return Response(body, media_type="application/json")
-
-    # The hot path: a plain Starlette route, spared FastAPI's dependency machinery; the app's middleware and
-    # error handlers still apply, and the body is validated against the Trajectory model as everywhere else.
-    router.add_route("/buffer/write", buffer_write, methods=["POST"], include_in_schema=False)
+    # On the app too: it answers the path's other methods (405).
+    router.add_route(WRITE_ROUTE.path, buffer_write, methods=["POST"], include_in_schema=False)
 
     @router.post("/get_rollout_data")
     async def get_rollout_data(request: Request) -> Response:

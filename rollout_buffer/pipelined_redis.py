@@ -1,7 +1,7 @@
 """One Lua script called over one dedicated, pipelined Redis connection: the buffer's write hot path.
 
 Concurrent callers write their EVALSHA to the same socket back to back and Redis answers in order, and a call
-costs a fraction of redis-py's per-command overhead (commands are packed here, replies parsed by hiredis). The
+costs a fraction of redis-py's per-command overhead (hiredis packs the commands and parses the replies). The
 script must be idempotent: after a lost connection a call is sent again on a new one, as redis-py's retries do.
 """
 
@@ -30,17 +30,6 @@ CONNECT_TIMEOUT_S = 5.0
 def supports(url: str) -> bool:
     """Plain TCP and unix sockets; TLS (rediss://) stays with redis-py and its TLS options."""
     return url.startswith(("redis://", "unix://"))
-
-
-def pack(args: Sequence[Any]) -> bytes:
-    """A command in RESP: bytes pass through, everything else as its UTF-8 text."""
-    out = bytearray(b"*%d\r\n" % len(args))
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out += b"$%d\r\n" % len(data)
-        out += data
-        out += b"\r\n"
-    return bytes(out)
 
 
 class _Protocol(asyncio.Protocol):
@@ -90,7 +79,7 @@ class PipelinedScript:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, args: Sequence[Any]) -> Any:
-        command = pack(["EVALSHA", self.sha, 0, *args])
+        command = hiredis.pack_command(("EVALSHA", self.sha, 0, *args))
         for attempt in range(RETRIES + 1):
             try:
                 protocol = await self._connection()
@@ -103,7 +92,7 @@ class PipelinedScript:
             if isinstance(reply, hiredis.ReplyError):
                 if str(reply).startswith("NOSCRIPT"):
                     # A restarted Redis has an empty script cache.
-                    await protocol.send(pack(["SCRIPT", "LOAD", self.source]))
+                    await protocol.send(hiredis.pack_command(("SCRIPT", "LOAD", self.source)))
                     continue
                 raise ResponseError(str(reply))
             return reply
@@ -135,7 +124,7 @@ class PipelinedScript:
         if self.options.get("db"):
             setup.append(["SELECT", self.options["db"]])
         for command in setup:
-            reply = await protocol.send(pack(command))
+            reply = await protocol.send(hiredis.pack_command(tuple(command)))
             if isinstance(reply, hiredis.ReplyError):
                 protocol.transport.close()
                 raise ConnectionError(f"Redis refused {command[0]}: {reply}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -27,13 +28,14 @@ from redis.exceptions import RedisError
 from protos import slime_pb2_grpc
 from rollout_buffer import api_slime, api_v1, metrics
 from rollout_buffer.arguments import parse_args
+from rollout_buffer.asgi_front import with_direct_routes
 from rollout_buffer.generators import GeneratorRegistry
 from rollout_buffer.grpc_service import BufferServicer
 from rollout_buffer.service import BufferService, ServiceSettings
 from rollout_buffer.store import BufferStore, StoreLimits
 from services.core.child import wrap
 from services.core.grpc_util import create_grpc_server
-from services.core.http_app import create_app, error_body, run_app
+from services.core.http_app import ASGIApp, create_app, error_body, run_app
 from services.core.logging_setup import setup_logging
 from services.core.redis_util import redact_url, redis_from_url
 
@@ -107,8 +109,9 @@ class _RejectionCounter:
         await self.app(scope, receive, watch)
 
 
-def build_app(config: BufferConfig) -> FastAPI:
-    """The buffer's FastAPI app; its lifespan connects to Redis, serves gRPC and runs the housekeeping loop."""
+def build_app(config: BufferConfig) -> ASGIApp:
+    """The buffer's app (FastAPI behind its front); its lifespan connects to Redis, serves gRPC and runs the
+    housekeeping loop."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -164,7 +167,7 @@ def build_app(config: BufferConfig) -> FastAPI:
 
     app.add_exception_handler(RedisError, on_redis_error)
     app.add_middleware(_RejectionCounter)
-    return app
+    return with_direct_routes(app, [api_slime.WRITE_ROUTE])
 
 
 def _start_worker(argv: Sequence[str], redis_url: str) -> subprocess.Popen:
@@ -202,16 +205,32 @@ def _supervise_workers(workers: list[subprocess.Popen], argv: Sequence[str], red
 _ARGV_ENV = "SLIME_ROLLOUT_BUFFER_ARGV"
 
 
-def app_from_environ() -> FastAPI:
+def _freeze_startup_objects() -> None:
+    """Exempt what the API process has built so far from garbage collection, for the process's lifetime.
+
+    The imported modules, the app, its routes and models (about 90k objects) live as long as the process, yet
+    every full collection scanned them again: under ingestion load that was a 50 ms pause about twice a second
+    on the bench host; frozen, a full collection takes about 3 ms. Called by the process entry points only,
+    not by build_app, so that a test process serving many apps does not freeze them all.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def app_from_environ() -> ASGIApp:
     """The app of one of several API processes (--http-workers): built from the argv the parent passed on."""
     args = parse_args(json.loads(os.environ[_ARGV_ENV]))
     setup_logging(args.log_level, service=SERVICE)
-    return build_app(BufferConfig.from_args(args, args.redis_url))
+    app = build_app(BufferConfig.from_args(args, args.redis_url))
+    _freeze_startup_objects()
+    return app
 
 
 def _serve_api(args: argparse.Namespace, argv: Sequence[str], config: BufferConfig) -> None:
     if args.http_workers == 1:
-        run_app(build_app(config), args.host, args.port, log_level=args.log_level)
+        app = build_app(config)
+        _freeze_startup_objects()
+        run_app(app, args.host, args.port, log_level=args.log_level)
         return
     # Several processes on one port; each also serves gRPC on the shared --grpc-port (SO_REUSEPORT).
     os.environ[_ARGV_ENV] = json.dumps([*argv, "--redis-url", config.redis_url])

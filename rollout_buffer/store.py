@@ -51,12 +51,13 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function seal(p, m, now, partial)
+-- count: the group's item count when the caller knows it (saves an LLEN). Callers add to the 'sealed' counter.
+local function seal(p, m, now, partial, count)
   local okey = p .. ':open:' .. m
   local ikey = p .. ':oinfo:' .. m
   local info = redis.call('HMGET', ikey, 'iid', 'kind', 'queue', 'size', 'created', 'bytes', 'task_type')
   local gid = tostring(redis.call('INCR', p .. ':seq'))
-  local count = redis.call('LLEN', okey)
+  count = count or redis.call('LLEN', okey)
   redis.call('RENAME', okey, p .. ':g:' .. gid)
   redis.call('HSET', p .. ':ginfo:' .. gid, 'iid', info[1], 'kind', info[2], 'queue', info[3], 'size', info[4],
     'created', info[5], 'bytes', info[6], 'task_type', info[7] or '', 'count', count, 'sealed', now,
@@ -64,7 +65,6 @@ local function seal(p, m, now, partial)
   redis.call('DEL', ikey)
   redis.call('ZREM', p .. ':opens', m)
   redis.call('RPUSH', p .. ':ready:' .. info[3] .. ':' .. info[2], gid)
-  redis.call('HINCRBY', p .. ':counters', 'sealed', 1)
   return gid
 end
 
@@ -101,7 +101,7 @@ local default_size = tonumber(ARGV[5])
 local usage = redis.call('HMGET', p .. ':usage', 'items', 'bytes')
 local held_items = tonumber(usage[1]) or 0
 local held_bytes = tonumber(usage[2]) or 0
-local written, duplicates, rejected = 0, 0, 0
+local written, duplicates, rejected, sealed_groups = 0, 0, 0, 0
 local now = now_ms()
 local results = {}
 local b = 5
@@ -116,22 +116,23 @@ while b < #ARGV do
     duplicates = duplicates + n
     table.insert(results, {'dup_group'})
   else
+    -- Each new item's idempotency record is taken first; a refused (full) segment gives them back below.
     local status = {}
-    local seen = {}
     local new_items, new_bytes = 0, 0
     for i = 1, n do
       local f = first + (i - 1) * 6
-      local uid = ARGV[f + 1]
-      if seen[uid] or redis.call('EXISTS', p .. ':uid:' .. uid) == 1 then
-        status[i] = '0'
-      else
-        seen[uid] = true
+      if redis.call('SET', p .. ':uid:' .. ARGV[f + 1], ARGV[f + 2] .. ':' .. ARGV[f + 3], 'NX', 'PX', ttl) then
         status[i] = '1'
         new_items = new_items + 1
         new_bytes = new_bytes + #ARGV[f + 6]
+      else
+        status[i] = '0'
       end
     end
     if new_items > 0 and (held_items + new_items > max_items or held_bytes + new_bytes > max_bytes) then
+      for i = 1, n do
+        if status[i] == '1' then redis.call('DEL', p .. ':uid:' .. ARGV[first + (i - 1) * 6 + 1]) end
+      end
       rejected = rejected + n
       table.insert(results, {'full', held_items, held_bytes})
     else
@@ -140,27 +141,30 @@ while b < #ARGV do
         if status[i] == '1' then
           local f = first + (i - 1) * 6
           local m = ARGV[f + 2] .. ':' .. ARGV[f + 3]
-          local okey = p .. ':open:' .. m
           local ikey = p .. ':oinfo:' .. m
-          local size = tonumber(redis.call('HGET', ikey, 'size'))
-          if not size then
+          local payload = ARGV[f + 6]
+          -- Open lists and their info hashes come and go together, so a first item means a new group.
+          local count = redis.call('RPUSH', p .. ':open:' .. m, payload)
+          local size
+          if count == 1 then
             size = tonumber(ARGV[f + 5])
             if size <= 0 then
               size = tonumber(redis.call('HGET', p .. ':config', 'group_size')) or default_size
             end
             redis.call('HSET', ikey, 'iid', ARGV[f + 3], 'kind', ARGV[f + 2], 'queue', ARGV[f + 4], 'size', size,
-              'created', now, 'bytes', 0, 'task_type', task_type)
+              'created', now, 'bytes', #payload, 'task_type', task_type)
+          else
+            size = tonumber(redis.call('HGET', ikey, 'size'))
+            redis.call('HINCRBY', ikey, 'bytes', #payload)
           end
-          redis.call('SET', p .. ':uid:' .. ARGV[f + 1], m, 'PX', ttl)
-          local count = redis.call('RPUSH', okey, ARGV[f + 6])
-          redis.call('HINCRBY', ikey, 'bytes', #ARGV[f + 6])
           if seal_by_size and count >= size then
-            table.insert(sealed, seal(p, m, now, 0))
+            table.insert(sealed, seal(p, m, now, 0, count))
           else
             redis.call('ZADD', p .. ':opens', now, m)
           end
         end
       end
+      sealed_groups = sealed_groups + #sealed
       held_items = held_items + new_items
       held_bytes = held_bytes + new_bytes
       written = written + new_items
@@ -176,6 +180,7 @@ if written > 0 then
 end
 if duplicates > 0 then redis.call('HINCRBY', p .. ':counters', 'duplicates', duplicates) end
 if rejected > 0 then redis.call('HINCRBY', p .. ':counters', 'rejected_full', rejected) end
+if sealed_groups > 0 then redis.call('HINCRBY', p .. ':counters', 'sealed', sealed_groups) end
 return results
 """
 )
@@ -189,7 +194,9 @@ local p = ARGV[1]
 local m = ARGV[2]
 if redis.call('EXISTS', p .. ':oinfo:' .. m) == 0 then return {'gone'} end
 if redis.call('LLEN', p .. ':open:' .. m) ~= tonumber(ARGV[3]) then return {'changed'} end
-return {'sealed', seal(p, m, now_ms(), 0)}
+local gid = seal(p, m, now_ms(), 0, tonumber(ARGV[3]))
+redis.call('HINCRBY', p .. ':counters', 'sealed', 1)
+return {'sealed', gid}
 """
 )
 
@@ -243,7 +250,6 @@ if #acked > 0 then redis.call('HINCRBY', p .. ':counters', 'acked', #acked) end
 return acked
 """
 
-# ARGV: prefix, timeout_ms, action (drop|deliver), limit. Handles open groups idle for longer than the timeout.
 # ARGV: prefix, limit. Every leased group of the run back to the head of its ready list, whatever its deadline.
 _RELEASE_LUA = (
     _LUA_COMMON
@@ -252,6 +258,7 @@ return requeue_expired(ARGV[1], '+inf', tonumber(ARGV[2]))
 """
 )
 
+# ARGV: prefix, timeout_ms, action (drop|deliver), limit. Handles open groups idle for longer than the timeout.
 _EXPIRE_LUA = (
     _LUA_COMMON
     + """
@@ -275,16 +282,20 @@ for _, m in ipairs(members) do
     dropped_items = dropped_items + count
   end
 end
-if #members > 0 then redis.call('HINCRBY', p .. ':counters', 'expired', #members) end
+if #members > 0 then
+  redis.call('HINCRBY', p .. ':counters', 'expired', #members)
+  if ARGV[3] == 'deliver' then redis.call('HINCRBY', p .. ':counters', 'sealed', #members) end
+end
 return {#members, dropped_items}
 """
 )
 
 
 class _WriteCoalescer:
-    """Group commit for one run's writes: while ``MAX_IN_FLIGHT`` write calls are in flight, the writes that
-    arrive wait and then go to Redis together as segments of a single call, each still all-or-nothing and
-    idempotent on its own. A write that finds room is sent at once by its own caller."""
+    """Group commit for one run's writes. The writes submitted while the event loop runs one round of ready
+    callbacks (the requests that arrived together) go to Redis as segments of one call, sent when that round
+    is over; while ``MAX_IN_FLIGHT`` calls are in flight, later writes wait and go together when one returns.
+    Each segment is still all-or-nothing and idempotent on its own."""
 
     MAX_SEGMENTS = 512
     # Two calls in flight keep the connection busy while one reply is on its way back.
@@ -295,37 +306,40 @@ class _WriteCoalescer:
         self.header = header
         self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
         self._in_flight = 0
+        self._send_scheduled = False
         # The event loop keeps only weak references to tasks.
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Task[None]] = set()
 
     async def submit(self, segment: list[Any]) -> Any:
-        if self._in_flight >= self.MAX_IN_FLIGHT or self._pending:
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._pending.append((segment, future))
-            return await future
-        self._in_flight += 1
-        try:
-            [reply] = await self.call([*self.header, *segment])
-        finally:
-            self._done()
-        return reply
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((segment, future))
+        if not self._send_scheduled and self._in_flight < self.MAX_IN_FLIGHT:
+            # call_soon runs after every callback already queued: the requests of this round join this call.
+            self._send_scheduled = True
+            loop.call_soon(self._send_pending)
+        return await future
 
-    def _done(self) -> None:
-        """A call returned: waiting writes take its place in flight, as one batch."""
-        self._in_flight -= 1
+    def _send_pending(self) -> None:
+        self._send_scheduled = False
         while self._pending and self._in_flight < self.MAX_IN_FLIGHT:
             batch, self._pending = self._pending[: self.MAX_SEGMENTS], self._pending[self.MAX_SEGMENTS :]
             self._in_flight += 1
-            flusher = asyncio.get_running_loop().create_task(self._flush(batch))
-            self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
+            call = asyncio.get_running_loop().create_task(self._send(batch))
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
 
-    async def _flush(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
         args = list(self.header)
         for segment, _ in batch:
             args += segment
         try:
             replies = await self.call(args)
+        except asyncio.CancelledError:
+            # The event loop is shutting down: the writers' outcome is unknown, as after a lost connection.
+            for _, future in batch:
+                future.cancel()
+            raise
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -335,7 +349,9 @@ class _WriteCoalescer:
                 if not future.done():
                     future.set_result(reply)
         finally:
-            self._done()
+            self._in_flight -= 1
+        # The writes that queued up while this call was in flight go now, together.
+        self._send_pending()
 
 
 class WriteStatus(StrEnum):

@@ -6,7 +6,14 @@ import asyncio
 
 import pytest
 
-from rollout_buffer.store import KIND_SAMPLE, QUEUE_EVAL, BufferFullError, WriteStatus
+from rollout_buffer.store import (
+    KIND_SAMPLE,
+    QUEUE_EVAL,
+    BufferFullError,
+    BufferStore,
+    StoreLimits,
+    WriteStatus,
+)
 from tests.rollout_buffer.helpers import new_item
 
 STORED, DUP = WriteStatus.STORED, WriteStatus.DUPLICATE
@@ -94,6 +101,35 @@ async def test_a_full_buffer_refuses_the_whole_write_and_frees_room_on_ack(make_
     group = (await store.lease("r", 1)).groups[0]
     await store.ack("r", [group.lease_id])
     assert (await store.write("r", [new_item("c", "g2"), new_item("d", "g2")])).stored == 2
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "redis-py"])
+async def test_concurrent_writes_go_to_redis_as_one_call_each_all_or_nothing(
+    redis_client, redis_server, pipelined: bool
+) -> None:
+    store = BufferStore(
+        redis_client,
+        StoreLimits(group_size=2, max_items=5),
+        redis_url=redis_server.url if pipelined else None,
+    )
+    await store.write("r", [new_item("warm", "w")])
+    await redis_client.config_resetstat()
+    results = await asyncio.gather(
+        store.write("r", [new_item("a", "g1"), new_item("b", "g1")]),
+        store.write("r", [new_item("a", "g1")]),
+        store.write("r", [new_item(u, "g2") for u in "cde"]),
+        store.write("r", [new_item("f", "g3")]),
+        return_exceptions=True,
+    )
+    assert (await redis_client.info("commandstats"))["cmdstat_evalsha"]["calls"] == 1
+    assert results[0].statuses == [STORED, STORED] and len(results[0].sealed) == 1
+    assert results[1].statuses == [DUP]
+    assert isinstance(results[2], BufferFullError)
+    assert results[3].statuses == [STORED]
+    # The refused write left nothing behind, its uids included.
+    assert (await store.stats("r")).items == 4
+    assert (await store.write("r", [new_item("c", "g2")])).statuses == [STORED]
+    await store.aclose()
 
 
 async def test_a_byte_budget_bounds_the_buffer_too(make_store) -> None:
