@@ -98,6 +98,10 @@ class EmbeddedStack:
             args.hf_checkpoint,
             "--port",
             str(port),
+            # slime seeds engine i with --seed + i: engines that shared a seed would draw the same random numbers
+            # for the requests each of them gets, so the groups they sample would not be independent.
+            "--rollout-seed",
+            str(args.seed + index),
             *(["--num-threads", str(self.engine_threads)] if self.engine_threads else []),
         )
         target = getattr(args, "sglang_passthrough", {}).get("rl_on_policy_target")
@@ -110,6 +114,38 @@ class EmbeddedStack:
             health_url=f"http://127.0.0.1:{port}/health",
             log_path=self.log_dir / f"engine-{index}.log",
             env=env,
+        )
+
+    def router_process(self, port: int, engine_urls: list[str], common: list[str]) -> ServiceProcess:
+        args = self.args
+        health = _flag_list(
+            args,
+            [
+                ("--rollout-health-check-interval", "rollout_health_check_interval"),
+                ("--rollout-health-check-timeout", "rollout_health_check_timeout"),
+                ("--rollout-health-check-first-wait", "rollout_health_check_first_wait"),
+                ("--use-slime-router", "use_slime_router"),
+            ],
+        )
+        argv = self._serve(
+            "router",
+            "--port",
+            str(port),
+            "--worker-urls",
+            *engine_urls,
+            # As slime starts its router: cache-aware, but once the engines' loads differ by more than the
+            # relative threshold the next request goes to the least loaded one. Otherwise a rollout's groups, whose
+            # prompts share the chat template's prefix, pile onto one engine while the other waits.
+            "--balance-abs-threshold",
+            "0",
+            *common,
+            *health,
+        )
+        return ServiceProcess(
+            "router",
+            argv,
+            health_url=f"http://127.0.0.1:{port}/health",
+            log_path=self.log_dir / "router.log",
         )
 
     def start(self) -> StackAddresses:
@@ -127,23 +163,7 @@ class EmbeddedStack:
         engine_urls = [f"http://127.0.0.1:{p}" for p in engine_ports] + self.external_engine_urls
 
         router_port = free_port()
-        health = _flag_list(
-            args,
-            [
-                ("--rollout-health-check-interval", "rollout_health_check_interval"),
-                ("--rollout-health-check-timeout", "rollout_health_check_timeout"),
-                ("--rollout-health-check-first-wait", "rollout_health_check_first_wait"),
-                ("--use-slime-router", "use_slime_router"),
-            ],
-        )
-        self.services["router"] = ServiceProcess(
-            "router",
-            self._serve(
-                "router", "--port", str(router_port), "--worker-urls", *engine_urls, *common, *health
-            ),
-            health_url=f"http://127.0.0.1:{router_port}/health",
-            log_path=self.log_dir / "router.log",
-        )
+        self.services["router"] = self.router_process(router_port, engine_urls, common)
         reward_port, reward_grpc = free_port(), free_port()
         reward_flags = _flag_list(
             args,
@@ -269,7 +289,16 @@ class EmbeddedStack:
         self.stop()
 
 
-def default_engine_threads(num_engines: int, trainer_threads: int) -> int:
-    """Split this machine's cores between engines and the trainer so that they do not oversubscribe them."""
-    cores = os.cpu_count() or 1
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_engine_threads(num_engines: int, trainer_threads: int, *, cores: int | None = None) -> int:
+    """Split this machine's cores (``usable_cpus()`` unless given) between engines and the trainer so that they do
+    not oversubscribe them: the engines generate at the same time, and ``trainer_threads`` cores stay with a
+    trainer that trains meanwhile."""
+    cores = usable_cpus() if cores is None else cores
     return max(1, (cores - trainer_threads) // max(1, num_engines)) if cores > trainer_threads else 1

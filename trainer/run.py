@@ -23,7 +23,7 @@ from services.core.redis_util import redis_from_url
 from services.core.sample import Sample
 from trainer.data import DatasetKeys, PromptDataset, RolloutDataSource
 from trainer.driver import ASYNC, output_dir, run_in_background
-from trainer.embedded import EmbeddedStack, StackAddresses
+from trainer.embedded import EmbeddedStack, StackAddresses, default_engine_threads
 from trainer.metrics_log import MetricsLogger, passrate_metrics, reward_category_metrics, zero_std_metrics
 from trainer.offload import EngineMemory
 from trainer.rollout.base_types import RolloutFnEvalOutput, RolloutFnTrainOutput, call_rollout_fn
@@ -171,6 +171,7 @@ class RLRun:
                 self.out_dir / "logs",
                 num_engines=num_engines,
                 rollout_workers=poster_count(args),
+                engine_threads=self._engine_threads(num_engines),
                 external_engine_urls=external,
             )
             addresses = self.stack.start()
@@ -212,6 +213,15 @@ class RLRun:
         for name, url in addresses.metrics_urls().items():
             logger.info("metrics: %-15s %s", name, url)
         return addresses
+
+    def _engine_threads(self, num_engines: int) -> int:
+        """An engine's torch would take every core, yet the engines generate at the same time; ``train-async``
+        trains meanwhile, on the trainer's threads (``OMP_NUM_THREADS``), while ``slime train`` trains in between."""
+        import torch
+
+        return default_engine_threads(
+            num_engines, trainer_threads=torch.get_num_threads() if self.mode == ASYNC else 0
+        )
 
     def _take_back_leases(self) -> None:
         """Groups a previous trainer of this run leased and never acknowledged (it died, and this one resumes it) go

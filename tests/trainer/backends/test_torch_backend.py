@@ -210,3 +210,65 @@ def test_ref_update_interval_moves_the_reference_to_the_actor(tiny_model_dir):
     with TorchTrainer(trainer_args(tiny_model_dir, *flags)) as trainer:
         trainer.train_step(batch, rollout_id=0)
         assert trainer.train_step(batch, rollout_id=1).steps[0]["kl_loss"] > 0.0
+
+
+def _train_counting_forwards(args, batch, rollout_id: int = 0):
+    """One ``train_step`` on a fresh trainer: its result, the model forwards it ran and the parameter checksum."""
+    with TorchTrainer(args) as trainer:
+        batch.rollout_log_probs = trainer.compute_log_probs(batch)
+        forwards = []
+        hook = trainer.actor._local.model.register_forward_hook(lambda *_: forwards.append(1))
+        result = trainer.train_step(batch, rollout_id=rollout_id)
+        hook.remove()
+        return result, len(forwards), trainer.parameter_checksum()
+
+
+ONE_STEP_FLAGS = (
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-2",
+    "--use-kl-loss", "--kl-loss-coef", "0.1", "--kl-loss-type", "low_var_kl",
+    "--use-tis", "--use-rollout-entropy",
+)  # fmt: skip
+
+
+def test_a_one_step_rollout_reads_the_old_policy_off_the_training_forward(tiny_model_dir):
+    batch = random_batch(8, seed=14)
+    reused, reused_forwards, reused_params = _train_counting_forwards(
+        trainer_args(tiny_model_dir, *ONE_STEP_FLAGS), batch
+    )
+    # --keep-old-actor runs the old policy's pass on its stored copy, which at the first rollout is the current
+    # weights: the same computation as before the shortcut existed.
+    recomputed, recomputed_forwards, recomputed_params = _train_counting_forwards(
+        trainer_args(tiny_model_dir, *ONE_STEP_FLAGS, "--keep-old-actor"), batch
+    )
+    # Four micro-batches each: the reference pass and training, plus the old policy's pass when it runs.
+    assert (reused_forwards, recomputed_forwards) == (8, 12)
+    assert reused.steps == recomputed.steps
+    assert reused.rollout == recomputed.rollout
+    assert reused_params == recomputed_params
+    assert reused.steps[0]["ppo_kl"] == 0.0 and reused.steps[0]["tis"] == 1.0
+    assert {"log_probs", "entropy", "kl", "train_rollout_logprob_abs_diff"} <= set(reused.rollout)
+
+
+@pytest.mark.parametrize(
+    ("flags", "passes"),
+    [
+        pytest.param(("--global-batch-size", "4"), 2, id="two-steps-per-rollout"),
+        pytest.param(("--keep-old-actor",), 2, id="keep-old-actor"),
+        pytest.param(
+            (
+                "--advantage-estimator",
+                "reinforce_plus_plus_baseline",
+                "--normalize-advantages",
+                "--kl-coef",
+                "0.1",
+            ),
+            3,
+            id="kl-coef-shapes-advantages",
+        ),
+    ],
+)
+def test_the_old_policy_pass_runs_when_the_training_forward_cannot_stand_in(tiny_model_dir, flags, passes):
+    args = trainer_args(tiny_model_dir, "--micro-batch-size", "2", "--global-batch-size", "8", *flags)
+    _, forwards, _ = _train_counting_forwards(args, random_batch(8, seed=15))
+    # The old policy's pass, training and (with --kl-coef) the reference pass, four micro-batches each.
+    assert forwards == 4 * passes

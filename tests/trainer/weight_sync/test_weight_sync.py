@@ -151,10 +151,13 @@ def test_buckets_respect_the_buffer_size():
         plan_buckets([("a", 1)], 0)
 
 
-def test_an_unreachable_engine_fails_with_its_url(trainer):
+def test_an_unreachable_engine_fails_with_its_url_and_takes_no_version(trainer):
     dead = f"http://127.0.0.1:{free_port()}"
+    before = trainer.weight_version
     with pytest.raises(RuntimeError, match=dead):
         trainer.update_weights([dead], transport="tensor")
+    # The push that retries it (after the engine is relaunched) publishes the next version, not the one after.
+    assert trainer.weight_version == before
 
 
 def _reset_engine(engine_url: str, model_dir) -> None:

@@ -4,6 +4,7 @@ packed rows, and host-memory weight copies (reference model, old actor) swapped 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,18 +42,12 @@ def packed_sdpa_attention(
 
     if packed_seq_bounds is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    starts_by_length: dict[int, list[int]] = {}
-    for start, end in zip(packed_seq_bounds[:-1], packed_seq_bounds[1:], strict=True):
-        starts_by_length.setdefault(end - start, []).append(start)
-    if len(starts_by_length) == 1 and len(next(iter(starts_by_length.values()))) == 1:
+    groups = _length_groups(packed_seq_bounds, query.device)
+    if len(groups) == 1 and groups[0].shape[0] == 1:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     batch, heads, total, head_dim = query.shape
     out: torch.Tensor | None = None
-    for length, starts in starts_by_length.items():
-        # [n, L] token positions of the n sequences of this length; gathered to [n, heads, L, head_dim].
-        positions = torch.tensor(starts, device=query.device)[:, None] + torch.arange(
-            length, device=query.device
-        )
+    for positions in groups:
         q, k, v = (t[0][:, positions].transpose(0, 1) for t in (query, key, value))
         attended = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
         if out is None:
@@ -60,6 +55,19 @@ def packed_sdpa_attention(
             out = attended.new_empty(batch, total, heads, head_dim)
         out[0, positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
     return out, None
+
+
+@functools.lru_cache(maxsize=64)
+def _length_groups(packed_seq_bounds: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
+    """Per sequence length in the packed row, the ``[n, L]`` token positions of its n sequences (in order of first
+    appearance); every layer of a forward, and every pass over the same micro-batch, asks for the same ones."""
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(packed_seq_bounds[:-1], packed_seq_bounds[1:], strict=True):
+        starts_by_length.setdefault(end - start, []).append(start)
+    return [
+        torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        for length, starts in starts_by_length.items()
+    ]
 
 
 def _register_attention() -> None:

@@ -261,8 +261,8 @@ class TorchTrainer:
 
         ``transport``: ``distributed`` (default), ``tensor`` (default with ``--colocate``) or ``disk`` (needs
         ``disk_dir``, a path the engines can read). The sequence is: bump the version, pause generation on every
-        engine, push, flush their caches, resume, then publish the version to ``router_url``. ``reconnect``
-        rebuilds the distributed group (after an engine restarted).
+        engine, push, flush their caches, resume, then publish the version to ``router_url``; a push that raises
+        leaves the version where it was. ``reconnect`` rebuilds the distributed group (after an engine restarted).
         """
         transport = transport or ("tensor" if self.args.colocate else "distributed")
         if transport not in TRANSPORTS:
@@ -300,11 +300,16 @@ class TorchTrainer:
                     logger.warning("resuming generation after a failed weight sync: %s", error)
                 raise
             _on_all(clients, "continue_generation")
+            if router_url is not None:
+                publish_weight_version(router_url, version, auth_token=self.args.auth_token)
+        except BaseException:
+            # The push that retries this one (after an engine restart) delivers the same version: versions count
+            # the pushes that went through, which is what the samples' staleness is measured in.
+            self.weight_version -= 1
+            raise
         finally:
             for client in clients:
                 client.close()
-        if router_url is not None:
-            publish_weight_version(router_url, version, auth_token=self.args.auth_token)
         sync = WeightSyncReport(
             transport=transport,
             version=version,

@@ -105,6 +105,22 @@ class LocalRollout:
     advantages: list[torch.Tensor] | None = None
     returns: list[torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # The old policy's log-probs come from the training forward (see TrainWorker._old_policy_from_training).
+    old_policy_from_training: bool = False
+
+    def record_old_policy(
+        self, positions: list[int], log_probs: list[torch.Tensor], entropy: list[torch.Tensor] | None
+    ) -> None:
+        """Keep the old policy's log-probs (detached) and entropies of the samples at ``positions``, as the
+        training forward computed them, for the rollout metrics."""
+        if self.log_probs is None:
+            self.log_probs = [torch.empty(0)] * len(self.tokens)
+        if entropy is not None and self.entropy is None:
+            self.entropy = [torch.empty(0)] * len(self.tokens)
+        for k, i in enumerate(positions):
+            self.log_probs[i] = log_probs[k]
+            if entropy is not None:
+                self.entropy[i] = entropy[k].detach()
 
 
 def _pick_device(gpu_index: int) -> torch.device:
@@ -429,7 +445,9 @@ class TrainWorker:
                     local.ref_log_probs, local.ref_entropy = self._log_prob_pass(
                         local, with_entropy=args.use_rollout_entropy
                     )
-            if args.keep_old_actor:
+            if self._old_policy_from_training(local):
+                local.old_policy_from_training = True
+            elif args.keep_old_actor:
                 with self._with_weights("old_actor"):
                     local.log_probs, local.entropy = self._log_prob_pass(
                         local, with_entropy=args.use_rollout_entropy
@@ -454,11 +472,36 @@ class TrainWorker:
             )
             local.advantages = [a.to(self.device) for a in local.advantages]
             local.returns = [r.to(self.device) for r in local.returns]
-        local.metrics = self._rollout_metrics(local)
+        if not local.old_policy_from_training:
+            # Otherwise they are computed once training has produced the old policy's log-probs.
+            local.metrics = self._rollout_metrics(local)
         self.local = local
         if local.returns is None:
             return {}
         return {idx: r.tolist() for idx, r in zip(local.indices, local.returns, strict=True)}
+
+    def _old_policy_from_training(self, local: LocalRollout) -> bool:
+        """Whether the old policy's log-probs can be read off the training forward instead of a pass of their own.
+
+        When the rollout is a single optimizer step, every micro-batch's forward runs on the weights the old-policy
+        pass would use (the update comes after the last one), over the same micro-batches: the same numbers, so
+        ``ppo_kl`` is exactly 0 either way and the loss, its gradient and the update do not change (bit for bit on
+        CPU, as the tests check; on GPU a no-grad pass may pick other kernels, and the training forward's values
+        are then the exact on-policy ones). That needs the current weights as the old policy (no
+        ``--keep-old-actor``), log-prob micro-batches equal to the training ones, the policy loss (a custom loss
+        reads them before its forward) and advantages that do not use them (``--kl-coef`` 0). The Megatron backend
+        keeps its pass: its before-log-prob hook and routing replay's recording run there.
+        """
+        args = self.args
+        return (
+            args.train_backend == "fsdp"
+            and self.role == ACTOR
+            and not args.keep_old_actor
+            and len(local.steps) == 1
+            and local.log_prob_steps == local.steps
+            and self.loss_config.loss_type == "policy_loss"
+            and args.kl_coef == 0
+        )
 
     def _rollout_metrics(self, local: LocalRollout) -> dict[str, float]:
         """Means over the rollout's samples of each per-token quantity's masked mean (slime's rollout/* keys)."""
@@ -516,6 +559,8 @@ class TrainWorker:
                 "prepare (actor) or compute_values + set_returns (critic) must run before train"
             )
         step_metrics = [self._train_step(local, step) for step in local.steps]
+        if local.old_policy_from_training:
+            local.metrics = self._rollout_metrics(local)
         if self.role == ACTOR:
             self._after_actor_train(rollout_id)
         self.local = None
@@ -591,14 +636,21 @@ class TrainWorker:
         log_probs, entropy = self._response_log_probs(logits, local, positions, with_entropy=need_entropy)
         if loss_type == "sft_loss":
             return sft_loss(log_probs, reduce)
-        if local.advantages is None or local.log_probs is None:
+        if local.advantages is None or (local.log_probs is None and not local.old_policy_from_training):
             raise ValueError(
                 "--loss-type policy_loss needs advantages: drop --disable-compute-advantages-and-returns or use sft_loss"
             )
+        if local.old_policy_from_training:
+            old_log_probs = [lp.detach() for lp in log_probs]
+            local.record_old_policy(
+                positions, old_log_probs, entropy if self.args.use_rollout_entropy else None
+            )
+        else:
+            old_log_probs = pick(local.log_probs)
         inputs = PolicyLossInputs(
             log_probs=log_probs,
             entropy=entropy,
-            old_log_probs=pick(local.log_probs),
+            old_log_probs=old_log_probs,
             advantages=pick(local.advantages),
             loss_masks=masks,
             total_lengths=[local.total_lengths[i] for i in positions],
