@@ -54,10 +54,24 @@ class OnPolicyScorer:
                 "Hugging Face forward of --sglang-rl-on-policy-target"
             )
 
-    @torch.inference_mode()
     def output_log_probs(self, ids: list[int], num_outputs: int, temperature: float) -> list[float]:
         """Log-probs of the last ``num_outputs`` tokens of ``ids`` under ``log_softmax(logits / temperature)``
-        (``temperature`` 0, greedy, scores the plain logits as the sampler does)."""
+        (``temperature`` 0, greedy, scores the plain logits as the sampler does).
+
+        On CPU the forward runs on one thread: PyTorch's CPU kernels may split a reduction differently with the
+        number of threads, and a two-threaded scorer was seen to differ from the trainer in the last bit of a
+        log-prob (AMD EPYC, torch 2.13), while the single-threaded one matched trainers on one and two threads."""
+        if self.model.device.type != "cpu":
+            return self._output_log_probs(ids, num_outputs, temperature)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._output_log_probs(ids, num_outputs, temperature)
+        finally:
+            torch.set_num_threads(threads)
+
+    @torch.inference_mode()
+    def _output_log_probs(self, ids: list[int], num_outputs: int, temperature: float) -> list[float]:
         device = self.model.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0)
         position_ids = torch.arange(len(ids), dtype=torch.long, device=device).unsqueeze(0)

@@ -157,25 +157,42 @@ def test_hundred_concurrent_mixed_length_requests_all_correct(engine, reference)
             assert logits.argmax(dim=-1).tolist() == out["output_ids"], rid
 
 
+def _running_requests(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("slime_rollout_engine_num_running_reqs"):
+            return float(line.split()[-1])
+    raise AssertionError("the engine's /metrics has no slime_rollout_engine_num_running_reqs")
+
+
 def test_long_generation_does_not_hold_back_short_ones(engine) -> None:
-    long_done = threading.Event()
+    """Short requests sent while a long generation runs finish long before it would have let them (continuous
+    batching), not after it."""
+    long_seconds: list[float] = []
 
     def long_request() -> None:
+        start = time.perf_counter()
         with engine.client() as client:
-            _generate(client, input_ids=[4, 5], sampling_params={"max_new_tokens": 300, "ignore_eos": True})
-        long_done.set()
+            _generate(client, input_ids=[4, 5], sampling_params={"max_new_tokens": 480, "ignore_eos": True})
+        long_seconds.append(time.perf_counter() - start)
 
     worker = threading.Thread(target=long_request)
-    worker.start()
-    time.sleep(0.2)
     with engine.client() as client:
+        worker.start()
+        deadline = time.monotonic() + 10
+        while _running_requests(client) < 1 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert worker.is_alive(), "the long generation ended before the short requests could be sent"
+        latencies = []
         for _ in range(5):
+            start = time.perf_counter()
             out = _generate(
                 client, input_ids=[6, 7, 8], sampling_params={"max_new_tokens": 3, "ignore_eos": True}
             )
+            latencies.append(time.perf_counter() - start)
             assert len(out["output_ids"]) == 3
-    assert not long_done.is_set(), "short requests waited for the long one"
     worker.join()
+    # Waiting for the long generation would have cost a short request most of its 480 decode steps.
+    assert max(latencies) < long_seconds[0] / 4, (latencies, long_seconds)
 
 
 def test_stop_tokens_strings_trim_and_min_new_tokens(engine, tokenizer) -> None:
