@@ -104,6 +104,7 @@ def test_services_address_each_other_by_compose_name(compose):
     )
     assert trainer.rollout_buffer_url == f"http://rollout-buffer:{ports['rollout-buffer']}"
     assert router.worker_urls == [f"http://engine-{i}:{ports[f'engine-{i}']}" for i in range(2)]
+    assert router.balance_abs_threshold == 0  # as slime starts its router
     assert trainer.redis_url == buffer.redis_url == router.redis_url == "redis://redis:6379/0"
     assert trainer.auth_token == buffer.auth_token
     assert trainer.n_samples_per_prompt == buffer.n_samples_per_prompt

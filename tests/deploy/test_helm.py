@@ -154,6 +154,7 @@ def test_default_values_engines_are_statefulset_pods_the_router_and_sidecar_agre
     assert engines["spec"]["replicas"] == 2
     assert one(docs, "Service", engines["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
     router_argv = slime_argv(container(one(docs, "Deployment", "rl-slime-router"), "router"))
+    assert router_argv[router_argv.index("--balance-abs-threshold") + 1] == "0"  # as slime starts its router
 
     # The sidecar derives each StatefulSet pod's URL from the hostname and subdomain Kubernetes gives it; it must
     # be the URL the router was started with, or the engine would be registered twice.
