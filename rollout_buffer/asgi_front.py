@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.core.http_app import ASGIApp, Receive, Scope, Send
+from services.core.http_app import ASGIApp, Receive, Scope, Send, wrap_in_app_middleware
 
 
 class _DirectRoutes:
@@ -67,8 +67,4 @@ def with_direct_routes(app: FastAPI, routes: Iterable[Route]) -> ASGIApp:
 
     Call it once the app's middleware is all added: that middleware is taken off the app to wrap the front.
     """
-    front: ASGIApp = _DirectRoutes(app, routes)
-    for middleware in reversed(app.user_middleware):
-        front = middleware.cls(front, *middleware.args, **middleware.kwargs)
-    app.user_middleware.clear()
-    return front
+    return wrap_in_app_middleware(app, _DirectRoutes(app, routes))

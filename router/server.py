@@ -23,7 +23,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from redis.exceptions import RedisError
-from starlette.middleware import Middleware
 
 from router.asgi import ASGIApp, Receive, Scope, Send
 from router.health import HealthConfig, HealthMonitor
@@ -40,7 +39,7 @@ from router.registry import (
 )
 from router.workers import WorkerTable
 from services.core.arguments import SlimeArgumentParser, add_service_arguments, add_slime_arguments
-from services.core.http_app import ApiError, ServiceMiddleware, create_app, run_app
+from services.core.http_app import ApiError, create_app, run_app, wrap_in_app_middleware
 from services.core.logging_setup import setup_logging
 from services.core.plugins import PluginLoadError, load_class
 from services.core.upstream import UpstreamError
@@ -131,13 +130,12 @@ class Router:
         metrics), the slime middlewares (the last listed outermost, as slime adds them), then a dispatch that
         sends the app's own paths to FastAPI and every other path straight to the proxy. FastAPI's own layers
         (routing, exception handling, telemetry) cost as much as the proxying, so proxied requests skip them."""
-        service = _lift_service_middleware(self.app)
         stack: ASGIApp = _ProxyDispatch(self.app, self.proxy)
         for path in _middleware_paths(self.args.slime_router_middleware_paths):
             cls = load_class(path, flag=MIDDLEWARE_FLAG)
             stack = cls(stack, router=self)
             logger.info("loaded router middleware %s.%s", cls.__module__, cls.__qualname__)
-        return service.cls(stack, *service.args, **service.kwargs)
+        return wrap_in_app_middleware(self.app, stack)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -315,17 +313,6 @@ class _ProxyDispatch:
             await self.proxy(scope, receive, send)
         else:
             await self.app(scope, receive, send)
-
-
-def _lift_service_middleware(app: FastAPI) -> Middleware:
-    """Take the service middleware that ``create_app`` installed off the FastAPI app, to wrap the whole router."""
-    for entry in app.user_middleware:
-        if entry.cls is ServiceMiddleware:
-            app.user_middleware.remove(entry)
-            return entry
-    raise RuntimeError(
-        "create_app no longer installs ServiceMiddleware; the router has nothing to wrap itself in"
-    )
 
 
 def _worker_url_param(value: Any) -> str | None:

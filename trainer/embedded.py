@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.core.embedded_redis import EmbeddedRedis
 from services.core.net import free_port
-from services.core.supervisor import ServiceProcess
+from services.core.supervisor import ServiceProcess, usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -287,13 +286,6 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def default_engine_threads(num_engines: int, trainer_threads: int, *, cores: int | None = None) -> int:

@@ -295,6 +295,17 @@ def create_app(
     return app
 
 
+def wrap_in_app_middleware(app: FastAPI, inner: ASGIApp) -> ASGIApp:
+    """``inner`` inside the middleware added to ``app`` (``create_app``'s ``ServiceMiddleware`` and any the service
+    added, outermost first as the app would apply it), which is taken off ``app``: for a front that sends some
+    requests past FastAPI's own layers while every request still goes through that middleware. Call it once the
+    app's middleware is all added and before the app serves."""
+    for middleware in reversed(app.user_middleware):
+        inner = middleware.cls(inner, *middleware.args, **middleware.kwargs)
+    app.user_middleware.clear()
+    return inner
+
+
 def run_app(
     app: ASGIApp,
     host: str,

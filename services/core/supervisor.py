@@ -25,6 +25,15 @@ from services.core.child import wrap
 
 logger = logging.getLogger(__name__)
 
+
+def usable_cpus() -> int:
+    """The CPUs this process (and the children it starts) may run on: its affinity mask, which containers and
+    ``taskset`` narrow, else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 _LIVE: weakref.WeakSet[ServiceProcess] = weakref.WeakSet()
 
 

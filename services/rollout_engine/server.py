@@ -22,6 +22,7 @@ from services.core.arguments import (
 )
 from services.core.http_app import create_app, run_app
 from services.core.logging_setup import setup_logging
+from services.core.supervisor import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,6 @@ def choose_backend(args: argparse.Namespace) -> str:
     return "builtin"
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def build_builtin_app(args: argparse.Namespace) -> FastAPI:
     """Load the model and return the app serving it (the scheduler starts with the app)."""
     import torch
@@ -122,7 +119,7 @@ def build_builtin_app(args: argparse.Namespace) -> FastAPI:
     from services.rollout_engine import http_api, openai_api
     from services.rollout_engine.engine import BuiltinEngine, EngineSettings
 
-    torch.set_num_threads(args.num_threads or _cpu_count())
+    torch.set_num_threads(args.num_threads or usable_cpus())
     extra = dict(args.sglang_passthrough)
     ignored = sorted(set(extra) - set(BUILTIN_SGLANG_FIELDS) - {"enable_metrics"})
     if ignored:

@@ -471,10 +471,7 @@ class MegatronTrainWorker(TrainWorker):
         ``step`` from every parameter's state when it builds the state dict to load into (a fresh optimizer has
         none); what is made here is what :meth:`_load_optimizer` then overwrites.
         """
-        for wrapped in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = getattr(wrapped, "optimizer", None)
-            if not isinstance(inner, torch.optim.Optimizer):
-                continue
+        for inner in self._inner_optimizers():
             for group in inner.param_groups:
                 on_device = group.get("fused") or group.get("capturable")
                 for param in group["params"]:
