@@ -294,6 +294,11 @@ class MegatronTrainWorker(TrainWorker):
         with recording or contextlib.nullcontext():
             return super()._log_prob_pass(local, with_entropy=with_entropy)
 
+    def _old_policy_from_training(self, local: LocalRollout) -> bool:
+        """This backend always runs the old policy's pass: its before-log-prob hook and routing replay's recording
+        run there."""
+        return False
+
     def prepare(self, batch: RolloutBatch, values: list[list[float]] | None = None) -> dict[int, list[float]]:
         self._preparing = True
         try:

@@ -489,13 +489,11 @@ class TrainWorker:
         CPU, as the tests check; on GPU a no-grad pass may pick other kernels, and the training forward's values
         are then the exact on-policy ones). That needs the current weights as the old policy (no
         ``--keep-old-actor``), log-prob micro-batches equal to the training ones, the policy loss (a custom loss
-        reads them before its forward) and advantages that do not use them (``--kl-coef`` 0). The Megatron backend
-        keeps its pass: its before-log-prob hook and routing replay's recording run there.
+        reads them before its forward) and advantages that do not use them (``--kl-coef`` 0).
         """
         args = self.args
         return (
-            args.train_backend == "fsdp"
-            and self.role == ACTOR
+            self.role == ACTOR
             and not args.keep_old_actor
             and len(local.steps) == 1
             and local.log_prob_steps == local.steps
