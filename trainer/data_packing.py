@@ -113,22 +113,43 @@ def dynamic_micro_batches(lengths: Sequence[int], num_micro_batches: int) -> lis
     return karmarkar_karp(lengths, num_micro_batches)
 
 
+# A packed row's segment: (start, length, prefix_start, prefix_length). A segment attends causally to itself and,
+# when prefix_length > 0, to all of the prefix segment at prefix_start before that (a shared prompt).
+Segment = tuple[int, int, int, int]
+
+
 @dataclass
 class PackedBatch:
-    """Samples concatenated into one row without padding; ``position_ids`` restart at 0 for every sample, which
-    Hugging Face models turn into a block-diagonal causal mask (or varlen flash attention)."""
+    """Samples concatenated into one row without padding, attended segment by segment (never across samples).
+
+    ``position_ids`` restart at 0 for every sample (a shared prompt's continuations carry on from the prompt's
+    length). ``segments`` tell the attention what attends to what; ``response_rows[k]``, when the response lengths
+    were given, are the rows whose logits predict sample k's response tokens, in order.
+    """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     total_lengths: list[int]
+    segments: tuple[Segment, ...] = ()
+    response_rows: list[torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
 
-def pack_sequences(tokens: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> PackedBatch:
-    """Pack token sequences into ``[1, Σ L_i]`` input ids and position ids."""
+def _check_response(total: int, response: int) -> None:
+    if not 0 <= response <= total - 1:
+        raise ValueError(f"response length {response} leaves no prompt token in a sequence of {total} tokens")
+
+
+def pack_sequences(
+    tokens: Sequence[Sequence[int]],
+    device: torch.device | str = "cpu",
+    *,
+    response_lengths: Sequence[int] | None = None,
+) -> PackedBatch:
+    """Pack token sequences into ``[1, Σ L_i]`` input ids and position ids, one segment per sequence."""
     if not tokens:
         raise ValueError("cannot pack an empty micro-batch")
     lengths = [len(t) for t in tokens]
@@ -136,4 +157,80 @@ def pack_sequences(tokens: Sequence[Sequence[int]], device: torch.device | str =
         [tok for seq in tokens for tok in seq], dtype=torch.long, device=device
     ).unsqueeze(0)
     position_ids = torch.cat([torch.arange(n, dtype=torch.long, device=device) for n in lengths]).unsqueeze(0)
-    return PackedBatch(input_ids=input_ids, position_ids=position_ids, total_lengths=lengths)
+    segments, offsets = [], []
+    offset = 0
+    for length in lengths:
+        if length:
+            segments.append((offset, length, offset, 0))
+        offsets.append(offset)
+        offset += length
+    rows = None
+    if response_lengths is not None:
+        rows = []
+        for start, total, response in zip(offsets, lengths, response_lengths, strict=True):
+            _check_response(total, response)
+            rows.append(torch.arange(start + total - response - 1, start + total - 1, device=device))
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        total_lengths=lengths,
+        segments=tuple(segments),
+        response_rows=rows,
+    )
+
+
+def pack_shared_prompts(
+    tokens: Sequence[Sequence[int]],
+    response_lengths: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> PackedBatch:
+    """Pack samples so that those with the same prompt (the tokens before their response: a GRPO group's
+    samples) store and compute it once; each response then attends to the shared prompt and to itself.
+
+    Every response token gets the logits it would get in its own sequence (same tokens, positions and causal
+    context; only the float rounding of batched kernels differs), and since the prompt's activations feed every
+    response of the group, backward sums the group's gradients through them once. A group of n samples with
+    prompt P and responses R costs P + n·R tokens instead of n·(P + R). A sample whose prompt no other sample of
+    the micro-batch shares is packed whole, as :func:`pack_sequences` does.
+    """
+    if not tokens:
+        raise ValueError("cannot pack an empty micro-batch")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, (seq, response) in enumerate(zip(tokens, response_lengths, strict=True)):
+        _check_response(len(seq), response)
+        groups.setdefault(tuple(seq[: len(seq) - response]), []).append(k)
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[Segment] = []
+    rows: list[torch.Tensor | None] = [None] * len(tokens)
+    for prompt, members in groups.items():
+        if len(members) == 1:
+            (k,) = members
+            seq, response, start = tokens[k], response_lengths[k], len(ids)
+            segments.append((start, len(seq), start, 0))
+            ids.extend(seq)
+            positions.extend(range(len(seq)))
+            rows[k] = torch.arange(start + len(seq) - response - 1, start + len(seq) - 1)
+            continue
+        prefix_start, prefix_length = len(ids), len(prompt)
+        segments.append((prefix_start, prefix_length, prefix_start, 0))
+        ids.extend(prompt)
+        positions.extend(range(prefix_length))
+        last_prompt_row = torch.tensor([prefix_start + prefix_length - 1])
+        for k in members:
+            response, start = response_lengths[k], len(ids)
+            if response == 0:
+                rows[k] = torch.zeros(0, dtype=torch.long)
+                continue
+            segments.append((start, response, prefix_start, prefix_length))
+            ids.extend(tokens[k][prefix_length:])
+            positions.extend(range(prefix_length, prefix_length + response))
+            # The prompt's last row predicts the first response token; the response's own rows the rest.
+            rows[k] = torch.cat([last_prompt_row, torch.arange(start, start + response - 1)])
+    return PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0),
+        position_ids=torch.tensor(positions, dtype=torch.long, device=device).unsqueeze(0),
+        total_lengths=[len(t) for t in tokens],
+        segments=tuple(segments),
+        response_rows=[r.to(device) for r in rows],
+    )

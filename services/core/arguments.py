@@ -1454,6 +1454,14 @@ def _add_service(group: argparse._ArgumentGroup) -> None:
         help="Also write the actor as a Hugging Face model directory at each save and at the end of the run; "
         "'{rollout_id}' in the path is filled in.",
     )
+    group.add_argument(
+        "--disable-prompt-sharing",
+        action="store_true",
+        default=False,
+        help="Torch backend: pack every sample whole. By default the samples of a micro-batch that share a prompt "
+        "(a group's) store and compute it once, their responses attending to it: the same log-probs and "
+        "gradients up to float rounding, for P + n*R tokens instead of n*(P + R).",
+    )
     group.add_argument("--host", type=str, default="127.0.0.1", help="Address the service binds to.")
     group.add_argument(
         "--port", type=int, default=None, help="Port the service binds to (its default when unset)."

@@ -49,6 +49,23 @@ def random_batch(n: int, *, seed: int = 0, vocab: int = 400, prompt=(2, 6), resp
     return RolloutBatch(tokens=tokens, response_lengths=lengths, rewards=rewards, loss_masks=masks)
 
 
+def grouped_batch(
+    groups: int, group_size: int, *, seed: int = 0, vocab: int = 400, prompt=(3, 8), response=(1, 6)
+) -> RolloutBatch:
+    """``groups`` prompts with ``group_size`` sampled responses each (a GRPO rollout's shape), random rewards."""
+    rng = random.Random(seed)
+    tokens, lengths, rewards, masks = [], [], [], []
+    for _ in range(groups):
+        shared = [rng.randrange(vocab) for _ in range(rng.randint(*prompt))]
+        for _ in range(group_size):
+            r = rng.randint(*response)
+            tokens.append(shared + [rng.randrange(vocab) for _ in range(r)])
+            lengths.append(r)
+            rewards.append(rng.choice([0.0, 1.0]) + rng.random() / 10)
+            masks.append([0 if (j == 0 and r > 2) else 1 for j in range(r)])
+    return RolloutBatch(tokens=tokens, response_lengths=lengths, rewards=rewards, loss_masks=masks)
+
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -10,6 +10,7 @@ from trainer.data_packing import (
     fixed_micro_batches,
     karmarkar_karp,
     pack_sequences,
+    pack_shared_prompts,
     partition_for_dp,
 )
 
@@ -63,3 +64,40 @@ def test_packing_restarts_positions_per_sample():
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1]]
     assert packed.num_tokens == 5 and packed.total_lengths == [3, 2]
     assert packed.input_ids.dtype == torch.long
+
+
+def test_shared_prompt_packing_stores_each_prompt_once():
+    # Two samples of prompt [1, 2, 3], one of prompt [9], one more of [1, 2, 3]: the group's prompt comes first, then
+    # its responses; the lone sample is packed whole.
+    tokens = [[1, 2, 3, 10, 11], [1, 2, 3, 20], [9, 30, 31], [1, 2, 3, 40, 41, 42]]
+    responses = [2, 1, 2, 3]
+    packed = pack_shared_prompts(tokens, responses)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 10, 11, 20, 40, 41, 42, 9, 30, 31]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 3, 4, 5, 0, 1, 2]]
+    assert packed.segments == ((0, 3, 0, 0), (3, 2, 0, 3), (5, 1, 0, 3), (6, 3, 0, 3), (9, 3, 9, 0))
+    assert [r.tolist() for r in packed.response_rows] == [[2, 3], [2], [9, 10], [2, 6, 7]]
+    assert packed.total_lengths == [5, 4, 3, 6]
+    # Every response token is predicted by a row holding the token just before it in its own sequence.
+    ids = packed.input_ids[0]
+    for seq, response, rows in zip(tokens, responses, packed.response_rows, strict=True):
+        assert ids[rows].tolist() == seq[len(seq) - response - 1 : -1]
+
+
+def test_shared_prompt_packing_of_unrelated_samples_is_plain_packing():
+    tokens, responses = [[7, 8, 9], [4, 5]], [1, 1]
+    shared, plain = pack_shared_prompts(tokens, responses), pack_sequences(tokens, response_lengths=responses)
+    assert shared.input_ids.tolist() == plain.input_ids.tolist()
+    assert shared.position_ids.tolist() == plain.position_ids.tolist()
+    assert shared.segments == plain.segments == ((0, 3, 0, 0), (3, 2, 3, 0))
+    assert (
+        [r.tolist() for r in shared.response_rows] == [r.tolist() for r in plain.response_rows] == [[1], [3]]
+    )
+
+
+def test_packing_names_a_response_longer_than_its_sequence():
+    with pytest.raises(
+        ValueError, match="response length 3 leaves no prompt token in a sequence of 3 tokens"
+    ):
+        pack_shared_prompts([[1, 2, 3]], [3])
+    with pytest.raises(ValueError, match="response length 3 leaves no prompt token"):
+        pack_sequences([[1, 2, 3]], response_lengths=[3])

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.backends.torch_backend.model import load_policy
+from trainer.algorithms.logprobs import response_log_probs
+from trainer.backends.torch_backend.model import forward_logits, load_policy
+from trainer.data_packing import PackedBatch, pack_sequences, pack_shared_prompts
 
 MODEL = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "model"
 
@@ -73,3 +75,66 @@ def test_packed_row_under_bf16_autocast(policy: torch.nn.Module) -> None:
         alone = policy(input_ids=ids[:, 5:14], position_ids=positions[:, 5:14]).logits[0]
     assert packed.dtype == alone.dtype
     torch.testing.assert_close(packed[5:14].float(), alone.float(), rtol=0.05, atol=0.05)
+
+
+def _grouped_samples(seed: int) -> tuple[list[list[int]], list[int]]:
+    """Three groups of samples sharing a prompt (responses of several lengths) and one sample alone."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(0, 250, (n,), generator=generator).tolist()
+
+    tokens, responses = [], []
+    for prompt_len, response_lens in ((9, [4, 4, 2, 6]), (5, [3, 1]), (9, [5, 5, 5])):
+        prompt = draw(prompt_len)
+        for r in response_lens:
+            tokens.append(prompt + draw(r))
+            responses.append(r)
+    tokens.insert(3, draw(8))
+    responses.insert(3, 3)
+    return tokens, responses
+
+
+def _response_log_probs(policy, packed: PackedBatch, tokens, responses) -> list[torch.Tensor]:
+    logits = forward_logits(policy, packed)
+    targets = [torch.tensor(seq) for seq in tokens]
+    return response_log_probs(logits, packed.response_rows, targets, responses)[0]
+
+
+def test_shared_prompts_give_each_sample_its_own_log_probs_and_gradients(policy: torch.nn.Module) -> None:
+    tokens, responses = _grouped_samples(seed=11)
+    shared = pack_shared_prompts(tokens, responses)
+    plain = pack_sequences(tokens, response_lengths=responses)
+    assert shared.num_tokens < plain.num_tokens
+
+    def loss_and_grads(packed: PackedBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        policy.zero_grad()
+        log_probs = _response_log_probs(policy, packed, tokens, responses)
+        # Weights differ per sample, so a response mixed into another's gradient would show.
+        sum((k + 1) * lp.sum() for k, lp in enumerate(log_probs)).backward()
+        grads = [p.grad.clone() for p in policy.parameters()]
+        policy.zero_grad()
+        return [lp.detach() for lp in log_probs], grads
+
+    shared_lps, shared_grads = loss_and_grads(shared)
+    plain_lps, plain_grads = loss_and_grads(plain)
+    for got, want in zip(shared_lps, plain_lps, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(shared_grads, plain_grads, strict=True):
+        # Relative to each gradient's norm: the float32 sums over a group's responses run in another order
+        # (~1e-6 here); a response attending to the wrong tokens would be off by O(1).
+        assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_a_shared_prompt_response_sees_only_its_prompt_and_itself(policy: torch.nn.Module) -> None:
+    tokens, responses = _grouped_samples(seed=5)
+    with torch.no_grad():
+        before = _response_log_probs(policy, pack_shared_prompts(tokens, responses), tokens, responses)
+        changed = [list(seq) for seq in tokens]
+        changed[1][-1] = (changed[1][-1] + 1) % 250  # the last token of the second sample's response only
+        after = _response_log_probs(policy, pack_shared_prompts(changed, responses), changed, responses)
+    for k, (b, a) in enumerate(zip(before, after, strict=True)):
+        if k == 1:
+            assert torch.equal(b[:-1], a[:-1]) and not torch.equal(b[-1], a[-1])
+        else:
+            assert torch.equal(b, a), k

@@ -15,7 +15,7 @@ import torch
 
 from services.core.logprobs import token_log_probs
 
-__all__ = ["packed_response_log_probs", "response_slices", "token_log_probs"]
+__all__ = ["packed_response_log_probs", "response_log_probs", "response_slices", "token_log_probs"]
 
 
 def response_slices(total_lengths: Sequence[int], response_lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -30,6 +30,31 @@ def response_slices(total_lengths: Sequence[int], response_lengths: Sequence[int
         slices.append((offset + total - response - 1, offset + total - 1))
         offset += total
     return slices
+
+
+def response_log_probs(
+    logits: torch.Tensor,
+    rows: Sequence[torch.Tensor],
+    tokens: Sequence[torch.Tensor],
+    response_lengths: Sequence[int],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Per-sample response log-probs (and entropies) from the logits ``[T, V]`` of a packed row, where
+    ``rows[k]`` are the rows that predict sample k's response tokens (``PackedBatch.response_rows``); one
+    log-softmax over all of them (each row is computed on its own, so the values are those of per-sample calls)."""
+    targets = [
+        sample[len(sample) - response :] for sample, response in zip(tokens, response_lengths, strict=True)
+    ]
+    for k, (r, t) in enumerate(zip(rows, targets, strict=True)):
+        if r.numel() != t.numel():
+            raise ValueError(f"sample {k}: {r.numel()} logit rows for a response of {t.numel()} tokens")
+    lp, ent = token_log_probs(
+        logits[torch.cat(list(rows))], torch.cat(targets), temperature=temperature, with_entropy=with_entropy
+    )
+    sizes = [int(r.numel()) for r in rows]
+    return list(lp.split(sizes)), (list(ent.split(sizes)) if ent is not None else None)
 
 
 def packed_response_log_probs(

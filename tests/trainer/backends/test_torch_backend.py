@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.trainer.helpers import random_batch, trainer_args
+from tests.trainer.helpers import grouped_batch, random_batch, trainer_args
 from trainer.backends.torch_backend import TorchTrainer
 
 
@@ -78,6 +78,50 @@ def test_packed_log_probs_match_single_sequences_and_true_on_policy_is_bitwise(t
         exact = trainer.compute_log_probs(batch)
     for got, want in zip(exact, expected, strict=True):
         assert got == want.tolist()
+
+
+def test_shared_prompts_train_as_whole_samples_do(tiny_model_dir):
+    """A GRPO rollout (4 prompts × 4 responses) trained with each group's prompt stored once, against the same
+    rollout packed sample by sample (--disable-prompt-sharing): the same log-probs, losses and update, up to float
+    rounding."""
+    batch = grouped_batch(4, 4, seed=9)
+    flags = (
+        "--micro-batch-size", "8", "--global-batch-size", "8", "--use-kl-loss", "--kl-loss-coef", "0.1",
+        "--advantage-estimator", "grpo", "--lr", "1e-3", "--rollout-temperature", "0.8",
+    )  # fmt: skip
+    results, token_counts = [], []
+    for extra in ((), ("--disable-prompt-sharing",)):
+        args = trainer_args(tiny_model_dir, *flags, *extra, rollout_batch_size=4, n_samples=4)
+        with TorchTrainer(args) as trainer:
+            worker, packed_tokens = trainer.actor._local, []
+            forward = worker._forward
+
+            def counting_forward(
+                local, positions, worker=worker, forward=forward, packed_tokens=packed_tokens
+            ):
+                packed_tokens.append(worker._pack(local, positions).num_tokens)
+                return forward(local, positions)
+
+            worker._forward = counting_forward
+            log_probs = trainer.compute_log_probs(batch)
+            batch.rollout_log_probs = log_probs
+            steps = [trainer.train_step(batch, rollout_id=i).steps for i in range(2)]
+            results.append((log_probs, steps, trainer.parameter_checksum()))
+            token_counts.append(packed_tokens)
+    # Each prompt is packed once per micro-batch instead of once per sample.
+    prompt_tokens = sum(t - r for t, r in zip(batch.total_lengths, batch.response_lengths, strict=True))
+    assert sum(token_counts[1][:2]) == sum(batch.total_lengths)
+    assert sum(token_counts[0][:2]) == sum(batch.total_lengths) - prompt_tokens * 3 // 4
+    (shared_lps, shared_steps, shared_params), (plain_lps, plain_steps, plain_params) = results
+    for got, want in zip(shared_lps, plain_lps, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+    for got, want in zip(shared_steps, plain_steps, strict=True):
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want, strict=True):
+            assert g.keys() == w.keys()
+            for key in ("loss", "pg_loss", "kl_loss", "ppo_kl", "grad_norm"):
+                assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), key
+    assert shared_params == pytest.approx(plain_params, rel=1e-6)
 
 
 def test_sft_loss_goes_down(tiny_model_dir):

@@ -294,6 +294,10 @@ class MegatronTrainWorker(TrainWorker):
         with recording or contextlib.nullcontext():
             return super()._log_prob_pass(local, with_entropy=with_entropy)
 
+    def _shares_prompts(self) -> bool:
+        """Megatron's forward packs every sample whole (its attention takes one sequence per segment)."""
+        return False
+
     def _old_policy_from_training(self, local: LocalRollout) -> bool:
         """This backend always runs the old policy's pass: its before-log-prob hook and routing replay's recording
         run there."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from trainer.data_packing import PackedBatch
+from trainer.data_packing import PackedBatch, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -27,47 +27,119 @@ def packed_sdpa_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     packed_seq_bounds: tuple[int, ...] | None = None,
+    packed_segments: tuple[Segment, ...] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over a packed row: each sequence attends causally to itself only, through transformers' own SDPA
-    path, with the sequences of equal length batched into one call.
+    """Attention over a packed row through transformers' own SDPA path.
+
+    With ``packed_seq_bounds`` (the cumulative sequence offsets ``(0, L_0, L_0 + L_1, …)``) each sequence attends
+    causally to itself only. With ``packed_segments`` (see :func:`trainer.data_packing.pack_shared_prompts`) a
+    segment that names a prefix attends to all of that prefix, then causally to itself: one prompt, stored once,
+    serves every response of its group.
 
     A single block-diagonal T×T mask would make attention quadratic in the whole row and keep SDPA off its
-    flash kernels; here the cost is Σ L_i², and sequences of one length (a GRPO group's prompts often are) share
-    one kernel launch instead of one each, which is most of the attention time for short sequences.
-    ``packed_seq_bounds`` are the cumulative sequence offsets ``(0, L_0, L_0 + L_1, …)``; ``query`` is
-    ``[1, heads, T, head_dim]`` and the result ``[1, T, heads, head_dim]``, as transformers' SDPA returns it.
+    flash kernels; here the cost is Σ L_i² (plus Σ L_i·P_i for continuations), sequences of one length (a GRPO
+    group's prompts often are) share one kernel launch, and all continuations share one masked call.
+    ``query`` is ``[1, heads, T, head_dim]`` and the result ``[1, T, heads, head_dim]``, as transformers' SDPA
+    returns it.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if packed_seq_bounds is None or attention_mask is not None:
+    if packed_segments is None and packed_seq_bounds is not None:
+        packed_segments = _segments_of_bounds(packed_seq_bounds)
+    if packed_segments is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    groups = _length_groups(packed_seq_bounds, query.device)
-    if len(groups) == 1 and groups[0].shape[0] == 1:
+    plan = _attention_plan(packed_segments, query.device)
+    if plan.whole_row:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     batch, heads, total, head_dim = query.shape
     out: torch.Tensor | None = None
-    for positions in groups:
+    for positions in plan.roots:
         q, k, v = (t[0][:, positions].transpose(0, 1) for t in (query, key, value))
         attended = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
         if out is None:
             # SDPA's dtype, which under autocast need not be the query's.
             out = attended.new_empty(batch, total, heads, head_dim)
         out[0, positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
+    if plan.continuations is not None:
+        cont = plan.continuations
+        q = query[0][:, cont.query_index].transpose(0, 1)
+        k, v = (t[0][:, cont.key_index].transpose(0, 1) for t in (key, value))
+        attended = sdpa_attention_forward(module, q, k, v, cont.mask, **kwargs)[0]
+        if out is None:
+            out = attended.new_empty(batch, total, heads, head_dim)
+        out[0, cont.destinations] = attended[cont.valid]
     return out, None
 
 
+@dataclass(frozen=True)
+class _Continuations:
+    """Every continuation segment of a row in one masked attention call, padded to the longest."""
+
+    query_index: torch.Tensor  # [n, Lq] row positions of the queries (padding repeats position 0)
+    key_index: torch.Tensor  # [n, Lk] the prefix's positions, then the segment's own
+    mask: torch.Tensor  # [n, 1, Lq, Lk] True where a query may attend
+    valid: torch.Tensor  # [n, Lq] the real (not padding) queries
+    destinations: torch.Tensor  # row positions of the real queries, in ``valid``'s order
+
+
+@dataclass(frozen=True)
+class _AttentionPlan:
+    whole_row: bool  # one root segment covering the row: plain causal attention
+    roots: list[torch.Tensor]  # per length, the [n, L] positions of the root segments of that length
+    continuations: _Continuations | None
+
+
+def _segments_of_bounds(bounds: tuple[int, ...]) -> tuple[Segment, ...]:
+    return tuple((s, e - s, s, 0) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s)
+
+
 @functools.lru_cache(maxsize=64)
-def _length_groups(packed_seq_bounds: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
-    """Per sequence length in the packed row, the ``[n, L]`` token positions of its n sequences (in order of first
-    appearance); every layer of a forward, and every pass over the same micro-batch, asks for the same ones."""
+def _attention_plan(segments: tuple[Segment, ...], device: torch.device) -> _AttentionPlan:
+    """The index tensors of a row's attention: every layer of a forward, and every pass over the same
+    micro-batch, asks for the same ones."""
     starts_by_length: dict[int, list[int]] = {}
-    for start, end in zip(packed_seq_bounds[:-1], packed_seq_bounds[1:], strict=True):
-        starts_by_length.setdefault(end - start, []).append(start)
-    return [
+    continuations = []
+    for start, length, prefix_start, prefix_length in segments:
+        if prefix_length == 0:
+            starts_by_length.setdefault(length, []).append(start)
+        else:
+            continuations.append((start, length, prefix_start, prefix_length))
+    roots = [
         torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
         for length, starts in starts_by_length.items()
     ]
+    whole_row = not continuations and len(roots) == 1 and roots[0].shape[0] == 1 and segments[0][0] == 0
+    if not continuations:
+        return _AttentionPlan(whole_row, roots, None)
+    q_len = max(length for _, length, _, _ in continuations)
+    p_len = max(prefix for _, _, _, prefix in continuations)
+    n = len(continuations)
+    query_index = torch.zeros(n, q_len, dtype=torch.long)
+    key_index = torch.zeros(n, p_len + q_len, dtype=torch.long)
+    mask = torch.zeros(n, 1, q_len, p_len + q_len, dtype=torch.bool)
+    valid = torch.zeros(n, q_len, dtype=torch.bool)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    for j, (start, length, prefix_start, prefix_length) in enumerate(continuations):
+        query_index[j, :length] = torch.arange(start, start + length)
+        key_index[j, :prefix_length] = torch.arange(prefix_start, prefix_start + prefix_length)
+        key_index[j, p_len : p_len + length] = torch.arange(start, start + length)
+        mask[j, 0, :length, :prefix_length] = True
+        mask[j, 0, :length, p_len : p_len + length] = causal[:length, :length]
+        # A padding query attends to one key, so that its (discarded) softmax stays finite in both passes.
+        mask[j, 0, length:, 0] = True
+        valid[j, :length] = True
+    return _AttentionPlan(
+        whole_row,
+        roots,
+        _Continuations(
+            query_index=query_index.to(device),
+            key_index=key_index.to(device),
+            mask=mask.to(device),
+            valid=valid.to(device),
+            destinations=query_index[valid].to(device),
+        ),
+    )
 
 
 def _register_attention() -> None:
@@ -136,14 +208,11 @@ def architecture_name(model: nn.Module) -> str:
 
 def forward_logits(model: nn.Module, packed: PackedBatch) -> torch.Tensor:
     """Logits ``[T, V]`` (or values ``[T, 1]``) of one packed row."""
-    bounds = [0]
-    for length in packed.total_lengths:
-        bounds.append(bounds[-1] + length)
     out = model(
         input_ids=packed.input_ids,
         position_ids=packed.position_ids,
         use_cache=False,
-        packed_seq_bounds=tuple(bounds),
+        packed_segments=packed.segments,
     )
     return out.logits[0]
 

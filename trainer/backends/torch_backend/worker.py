@@ -24,7 +24,7 @@ import torch.distributed as dist
 from services.core.process_group import training_backend
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig, compute_advantages_and_returns
-from trainer.algorithms.logprobs import packed_response_log_probs, response_slices
+from trainer.algorithms.logprobs import response_log_probs
 from trainer.algorithms.loss import LossConfig, PolicyLossInputs, policy_loss, sft_loss, value_loss
 from trainer.algorithms.reduction import make_reducer, normalizer
 from trainer.algorithms.tis import load_tis_function
@@ -32,10 +32,12 @@ from trainer.backends.batch import RolloutBatch
 from trainer.backends.torch_backend import model as model_lib
 from trainer.backends.torch_backend.optim import LRSchedule, OptimizerConfig, build_optimizer
 from trainer.data_packing import (
+    PackedBatch,
     dynamic_micro_batches,
     first_fit_bins,
     fixed_micro_batches,
     pack_sequences,
+    pack_shared_prompts,
     partition_for_dp,
 )
 from trainer.memory_snapshot import MemoryHistory
@@ -107,6 +109,8 @@ class LocalRollout:
     metrics: dict[str, float] = field(default_factory=dict)
     # The old policy's log-probs come from the training forward (see TrainWorker._old_policy_from_training).
     old_policy_from_training: bool = False
+    # Each micro-batch's packed row (samples' positions -> PackedBatch): every pass over it packs it the same way.
+    packed: dict[tuple[int, ...], PackedBatch] = field(default_factory=dict)
 
     def record_old_policy(
         self, positions: list[int], log_probs: list[torch.Tensor], entropy: list[torch.Tensor] | None
@@ -364,18 +368,40 @@ class TrainWorker:
         else:
             yield
 
+    def _shares_prompts(self) -> bool:
+        """Whether micro-batches are packed with shared prompts (:func:`pack_shared_prompts`): not for a custom
+        loss, which reads the logits in slime's layout, one whole sample after another."""
+        return not self.args.disable_prompt_sharing and self.loss_config.loss_type != "custom_loss"
+
+    def _pack(self, local: LocalRollout, positions: list[int]) -> PackedBatch:
+        key = tuple(positions)
+        packed = local.packed.get(key)
+        if packed is None:
+            tokens = [local.tokens[i] for i in positions]
+            responses = [local.response_lengths[i] for i in positions]
+            if self._shares_prompts():
+                packed = pack_shared_prompts(tokens, responses, device=self.device)
+            else:
+                packed = pack_sequences(tokens, device=self.device, response_lengths=responses)
+            local.packed[key] = packed
+        return packed
+
     def _forward(self, local: LocalRollout, positions: list[int]) -> torch.Tensor:
-        packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
+        packed = self._pack(local, positions)
         with self._autocast():
             return model_lib.forward_logits(self.model, packed)
+
+    def _response_rows(self, local: LocalRollout, positions: list[int]) -> list[torch.Tensor]:
+        """Per sample, the rows of ``_forward``'s output that predict its response tokens."""
+        return self._pack(local, positions).response_rows
 
     def _response_log_probs(
         self, logits: torch.Tensor, local: LocalRollout, positions: list[int], *, with_entropy: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        return packed_response_log_probs(
+        return response_log_probs(
             logits,
+            self._response_rows(local, positions),
             [torch.as_tensor(local.tokens[i], device=self.device) for i in positions],
-            [local.total_lengths[i] for i in positions],
             [local.response_lengths[i] for i in positions],
             temperature=self.args.rollout_temperature,
             with_entropy=with_entropy,
@@ -403,10 +429,8 @@ class TrainWorker:
         for step in local.log_prob_steps:
             for positions in step:
                 out = self._forward(local, positions).float()[:, 0]
-                lengths = [local.total_lengths[i] for i in positions]
-                responses = [local.response_lengths[i] for i in positions]
-                for k, (start, end) in enumerate(response_slices(lengths, responses)):
-                    values[positions[k]] = out[start:end]
+                for i, rows in zip(positions, self._response_rows(local, positions), strict=True):
+                    values[i] = out[rows]
         return values
 
     def _with_weights(self, tag: str) -> contextlib.AbstractContextManager[None]:
@@ -619,10 +643,8 @@ class TrainWorker:
             return None if values is None else [values[i] for i in positions]
 
         if self.role == CRITIC:
-            lengths = [local.total_lengths[i] for i in positions]
-            responses = [local.response_lengths[i] for i in positions]
             out = logits.float()[:, 0]
-            values = [out[s:e] for s, e in response_slices(lengths, responses)]
+            values = [out[rows] for rows in self._response_rows(local, positions)]
             return value_loss(self.loss_config, values, pick(local.values), pick(local.returns), reduce)
 
         loss_type = self.loss_config.loss_type
