@@ -14,6 +14,10 @@ REQUESTS = Counter(
 )
 PROMPT_TOKENS = Counter("slime_rollout_engine_prompt_tokens_total", "Prompt tokens received.")
 GENERATION_TOKENS = Counter("slime_rollout_engine_generation_tokens_total", "Tokens generated.")
+CACHED_PROMPT_TOKENS = Counter(
+    "slime_rollout_engine_cached_prompt_tokens_total",
+    "Prompt tokens not prefilled: their keys/values were copied from an identical prompt's in the same batch.",
+)
 RUNNING = Gauge(
     "slime_rollout_engine_num_running_reqs", "Requests in the running batch (decoding or prefilling)."
 )

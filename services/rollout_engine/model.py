@@ -191,6 +191,8 @@ class ForwardBatch:
     decode_len: int = 0
     decode_mask: torch.Tensor | None = None
     segments: list[PrefillSegment] = field(default_factory=list)
+    # (source slot, destination slot, tokens): keys/values to copy once the forward has written the source.
+    slot_copies: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class KVCache:

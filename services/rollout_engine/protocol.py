@@ -144,7 +144,7 @@ def generate_output(
         "prompt_tokens": snap.prompt_tokens,
         "weight_version": snap.weight_version,
         "completion_tokens": len(snap.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": snap.cached_tokens,
     }
     if return_logprob:
         texts = (

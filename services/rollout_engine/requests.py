@@ -112,6 +112,7 @@ class Snapshot:
     weight_version: str
     created: float
     finished_at: float | None = None
+    cached_tokens: int = 0
 
     @property
     def finished(self) -> bool:

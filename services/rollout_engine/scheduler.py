@@ -49,6 +49,8 @@ class Sequence:
     input_logprobs: list[tuple[float | None, int]] | None = None
     want_input_logprobs: bool = False
     num_computed: int = 0
+    # Prompt tokens whose keys/values were copied from an identical prompt's instead of computed.
+    cached_tokens: int = 0
     stage: StageCache | None = None
     finish_reason: dict[str, Any] | None = None
     first_token_at: float | None = None
@@ -330,6 +332,7 @@ class Scheduler:
         snapshot = Snapshot(
             rid=seq.rid,
             prompt_tokens=len(seq.req.input_ids),
+            cached_tokens=seq.cached_tokens,
             output_ids=list(seq.output_ids),
             output_logprobs=list(seq.logprobs),
             output_top_logprobs=list(seq.top_logprobs) if seq.top_logprobs is not None else None,
@@ -358,6 +361,8 @@ class Scheduler:
         else:
             batch, logit_rows, input_lp_rows = self._build_batch(decode, segments)
             logits = self.model.forward(batch, self.kv, torch.tensor(logit_rows, device=self.model.device))
+            for src, dst, length in batch.slot_copies:
+                self.kv.move_slot(src, dst, length)
 
         for seq, _, _ in segments:
             if seq.rid in input_lp_rows:
@@ -421,27 +426,55 @@ class Scheduler:
                 self._emit(seq)
 
     def _plan_prefill(self) -> tuple[list[tuple[Sequence, int, int]], list[Sequence]]:
-        """Choose prompt chunks for this iteration: unfinished prefills first, then new admissions."""
+        """Choose prompt chunks for this iteration: unfinished prefills first, then new admissions.
+
+        A prompt identical to one prefilled whole in this iteration costs no budget: ``_build_batch`` copies that
+        one's keys/values instead of computing them again."""
         budget = self.limits.chunked_prefill_size
+        seen: set[tuple[int, ...]] = set()
+        pending = sum(self._prefill_cost(seq, seen) for seq in self.prefilling)
         while self.waiting and len(self.running) + len(self.prefilling) < self.limits.max_running_requests:
-            if sum(len(s.all_ids) - s.num_computed for s in self.prefilling) >= budget:
+            if pending >= budget:
                 break
-            self.prefilling.append(self.waiting.popleft())
+            seq = self.waiting.popleft()
+            self.prefilling.append(seq)
+            pending += self._prefill_cost(seq, seen)
         segments: list[tuple[Sequence, int, int]] = []
         completing: list[Sequence] = []
+        whole: set[tuple[int, ...]] = set()
         for seq in self.prefilling:
-            if budget <= 0:
-                break
             remaining = len(seq.all_ids) - seq.num_computed
+            if self._shareable(seq) and tuple(seq.all_ids) in whole:
+                segments.append((seq, 0, remaining))
+                completing.append(seq)
+                continue
+            if budget <= 0:
+                continue
             length = min(remaining, budget)
             segments.append((seq, seq.num_computed, length))
             budget -= length
             if length == remaining:
                 completing.append(seq)
+                if self._shareable(seq):
+                    whole.add(tuple(seq.all_ids))
             elif seq.stage is None:
                 # Only a prompt that takes several iterations needs a staging buffer.
                 seq.stage = StageCache(self.model.cfg, len(seq.all_ids), self.model.dtype, self.model.device)
         return segments, completing
+
+    @staticmethod
+    def _shareable(seq: Sequence) -> bool:
+        """Whether ``seq``'s prompt may take an identical prompt's keys/values (not when its own prompt
+        log-probs are asked for, or once its prefill has begun)."""
+        return seq.num_computed == 0 and seq.stage is None and not seq.want_input_logprobs
+
+    def _prefill_cost(self, seq: Sequence, seen: set[tuple[int, ...]]) -> int:
+        if self._shareable(seq):
+            key = tuple(seq.all_ids)
+            if key in seen:
+                return 0
+            seen.add(key)
+        return len(seq.all_ids) - seq.num_computed
 
     def _build_batch(
         self, decode: list[Sequence], segments: list[tuple[Sequence, int, int]]
@@ -457,7 +490,23 @@ class Scheduler:
         next_slot = len(decode)
         tail_rows: list[int] = []
         input_lp_rows: dict[str, tuple[int, int, int]] = {}
+        # A whole prompt identical to one already in this batch (a GRPO group's samples) is not computed again:
+        # after the forward its keys/values are copied from that one's slot and it samples from the same logits.
+        whole_prompts: dict[tuple[int, ...], tuple[int, int]] = {}
         for seq, start, length in segments:
+            if start == 0 and length == len(seq.all_ids) and self._shareable(seq):
+                key = tuple(seq.all_ids)
+                first = whole_prompts.get(key)
+                if first is not None:
+                    first_slot, first_row = first
+                    batch.slot_copies.append((first_slot, next_slot, length))
+                    logit_rows.append(first_row)
+                    next_slot += 1
+                    seq.num_computed = length
+                    seq.cached_tokens = length
+                    metrics.CACHED_PROMPT_TOKENS.inc(length)
+                    continue
+                whole_prompts[key] = (next_slot, len(ids) + length - 1)
             offset = len(ids)
             ids.extend(seq.all_ids[start : start + length])
             positions.extend(range(start, start + length))

@@ -105,6 +105,34 @@ def test_long_chunked_prompt_and_a_group_of_identical_prompts(engine, reference,
     assert len({tuple(o["output_ids"]) for o in outs[1:]}) > 1  # the copies sampled with their own seeds
 
 
+def test_identical_prompts_arriving_together_are_prefilled_once(engine, reference, teacher_forced) -> None:
+    """A group's samples (one batch request of eight copies of a prompt): the prompt is computed once and its
+    keys/values copied (``cached_tokens``), and every sample is what it would be alone with its seed."""
+    prompt = [(5 * i) % 300 + 4 for i in range(40)]
+    seeds = list(range(100, 108))
+    params = [{"max_new_tokens": 12, "ignore_eos": True, "sampling_seed": seed} for seed in seeds]
+    with engine.client() as client:
+        group = client.post(
+            "/generate",
+            json={"input_ids": [prompt] * len(seeds), "sampling_params": params, "return_logprob": True},
+        ).json()
+        alone = [
+            _generate(client, input_ids=prompt, sampling_params=p, return_logprob=True) for p in params[:3]
+        ]
+    cached = sorted(out["meta_info"]["cached_tokens"] for out in group)
+    assert cached == [0] + [len(prompt)] * (len(seeds) - 1)
+    assert all(out["meta_info"]["cached_tokens"] == 0 for out in alone)
+    for out, single in zip(group, alone, strict=False):
+        assert out["output_ids"] == single["output_ids"]
+        got = [e[0] for e in out["meta_info"]["output_token_logprobs"]]
+        want = [e[0] for e in single["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(want, abs=1e-5)
+    for out in group:
+        got = torch.tensor([e[0] for e in out["meta_info"]["output_token_logprobs"]])
+        assert torch.allclose(got, teacher_forced(reference, prompt, out["output_ids"], 1.0), atol=1e-4)
+    assert len({tuple(out["output_ids"]) for out in group}) > 1
+
+
 def test_same_seed_same_output_other_seed_other_output(engine) -> None:
     body = {"input_ids": [7, 8, 9], "return_logprob": True}
     with engine.client() as client:
