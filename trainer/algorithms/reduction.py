@@ -32,11 +32,35 @@ def sum_of_tokens(x: torch.Tensor, loss_masks: Sequence[torch.Tensor]) -> torch.
 
 
 def make_reducer(loss_masks: Sequence[torch.Tensor], *, per_token: bool) -> Reducer:
-    """The reduction a loss function applies to its concatenated per-token terms (passed to custom losses)."""
+    """The reduction a loss function applies to its concatenated per-token terms (passed to custom losses).
+
+    A few tensor operations per call whatever the sample count (the per-sample mean sums each sample's masked
+    terms with one ``index_add``, then divides each sum by its sample's count, as :func:`sum_of_sample_mean`
+    does): a micro-batch of many short responses would otherwise spend its loss in per-sample operations.
+    """
     masks = list(loss_masks)
+    if not masks:
+        return lambda x: x.new_zeros(())
+    flat = torch.cat(masks)
     if per_token:
-        return lambda x: sum_of_tokens(x, masks)
-    return lambda x: sum_of_sample_mean(x, masks)
+        return lambda x: (_checked(x, flat) * flat.to(x.dtype)).sum()
+    sizes = torch.tensor([m.numel() for m in masks], device=flat.device)
+    sample_of_token = torch.repeat_interleave(torch.arange(len(masks), device=flat.device), sizes)
+    counts = flat.new_zeros(len(masks), dtype=torch.float64).index_add(0, sample_of_token, flat.double())
+    counts = counts.clamp_min(1)
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        masked = _checked(x, flat) * flat.to(x.dtype)
+        sums = masked.new_zeros(len(masks)).index_add(0, sample_of_token, masked)
+        return (sums / counts.to(x.dtype)).sum()
+
+    return reduce
+
+
+def _checked(x: torch.Tensor, flat_mask: torch.Tensor) -> torch.Tensor:
+    if x.numel() != flat_mask.numel():
+        raise ValueError(f"a loss term of {x.numel()} tokens for loss masks of {flat_mask.numel()} tokens")
+    return x
 
 
 def normalizer(loss_masks: Sequence[torch.Tensor], *, per_token: bool) -> float:

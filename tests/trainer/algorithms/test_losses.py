@@ -207,3 +207,20 @@ def test_packed_rows_are_sliced_per_response():
     expected_second = torch.log_softmax(logits[4:6], -1)[[0, 1], [0, 1]]
     assert torch.equal(lps[1], expected_second)
     assert lps[0].item() == torch.log_softmax(logits[1], -1)[2].item()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_reducer_equals_the_per_sample_definition_with_its_gradient(per_token):
+    generator = torch.Generator().manual_seed(0)
+    lengths = [3, 1, 5, 2, 4]
+    masks = [(torch.rand(n, generator=generator) > 0.3).float() for n in lengths]
+    masks[1] = torch.zeros(1)  # a fully masked sample counts as one token's worth of nothing
+    x = torch.randn(sum(lengths), generator=generator, requires_grad=True)
+    reference = sum_of_tokens if per_token else sum_of_sample_mean
+    (want_grad,) = torch.autograd.grad(reference(x, masks), x)
+    got = make_reducer(masks, per_token=per_token)(x)
+    (got_grad,) = torch.autograd.grad(got, x)
+    assert got.item() == pytest.approx(reference(x, masks).item(), rel=1e-6)
+    torch.testing.assert_close(got_grad, want_grad)
+    with pytest.raises(ValueError, match="a loss term of 4 tokens for loss masks of 15 tokens"):
+        make_reducer(masks, per_token=per_token)(torch.zeros(4))
