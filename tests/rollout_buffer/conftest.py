@@ -23,11 +23,16 @@ async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Re
 
 
 @pytest.fixture
-def make_store(redis_client: aioredis.Redis) -> Callable[..., BufferStore]:
-    def make(**limits: Any) -> BufferStore:
-        return BufferStore(redis_client, StoreLimits(**limits))
+async def make_store(redis_client: aioredis.Redis) -> AsyncIterator[Callable[..., BufferStore]]:
+    stores: list[BufferStore] = []
 
-    return make
+    def make(**limits: Any) -> BufferStore:
+        stores.append(BufferStore(redis_client, StoreLimits(**limits)))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        await store.aclose()
 
 
 @pytest.fixture

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ import uvicorn
 from rollout_buffer.server import BufferConfig, build_app
 from rollout_buffer.store import NewItem
 from services.core.net import free_port
+from services.core.supervisor import ServiceProcess
 
 
 def trajectory(uid: str, instance_id: Any, reward: float = 1.0, answer: str = "4", **extra_info: Any) -> dict:
@@ -67,3 +70,27 @@ def serve(config: BufferConfig) -> Iterator[ServedBuffer]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+def buffer_process(redis_url: str, port: int, log: Path, group_size: int = 1) -> ServiceProcess:
+    """``slime serve rollout-buffer`` as a process of its own on ``port`` (and a free gRPC port), started healthy."""
+    argv = [
+        sys.executable,
+        "-m",
+        "rollout_buffer.server",
+        "--port",
+        str(port),
+        "--grpc-port",
+        str(free_port()),
+        "--redis-url",
+        redis_url,
+        "--n-samples-per-prompt",
+        str(group_size),
+        "--log-level",
+        "WARNING",
+    ]
+    process = ServiceProcess(
+        "rollout-buffer", argv, health_url=f"http://127.0.0.1:{port}/health", log_path=log
+    )
+    process.start().wait_healthy(60)
+    return process

@@ -3,7 +3,6 @@ from its append-only file. Every write that was answered 2xx must be there after
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,37 +15,13 @@ from rollout_buffer.server import BufferConfig
 from rollout_buffer.store import StoreLimits
 from services.core.embedded_redis import EmbeddedRedis
 from services.core.net import free_port
-from services.core.supervisor import ServiceProcess
-from tests.rollout_buffer.helpers import serve, trajectory
+from tests.rollout_buffer.helpers import buffer_process, serve, trajectory
 
 
 @pytest.fixture
 def aof_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis(appendonly=True, dir=tmp_path / "redis") as server:
         yield server
-
-
-def _buffer_process(redis_url: str, port: int, log: Path) -> ServiceProcess:
-    argv = [
-        sys.executable,
-        "-m",
-        "rollout_buffer.server",
-        "--port",
-        str(port),
-        "--grpc-port",
-        str(free_port()),
-        "--redis-url",
-        redis_url,
-        "--n-samples-per-prompt",
-        "1",
-        "--log-level",
-        "WARNING",
-    ]
-    process = ServiceProcess(
-        "rollout-buffer", argv, health_url=f"http://127.0.0.1:{port}/health", log_path=log
-    )
-    process.start().wait_healthy(60)
-    return process
 
 
 class Writers:
@@ -108,14 +83,14 @@ def test_sigkill_of_the_buffer_mid_stream_loses_no_acknowledged_write(
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    buffer = _buffer_process(aof_redis.url, port, tmp_path / "buffer.log")
+    buffer = buffer_process(aof_redis.url, port, tmp_path / "buffer.log")
     try:
         with Writers(url) as writers:
             writers.wait_for(150)
             buffer.kill()
             killed_at = len(writers.acknowledged)
             time.sleep(0.3)
-            buffer = _buffer_process(aof_redis.url, port, tmp_path / "buffer.log")
+            buffer = buffer_process(aof_redis.url, port, tmp_path / "buffer.log")
             writers.wait_for(killed_at + 150)
         assert writers.failures > 0, "the kill should have interrupted some writes"
         stored = _all_uids(url)

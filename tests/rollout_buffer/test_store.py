@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -187,14 +188,19 @@ async def test_runs_are_separate_namespaces_and_leases_go_oldest_first(make_stor
 
 async def test_lease_wait_returns_as_soon_as_enough_groups_are_complete(make_store) -> None:
     store = make_store(group_size=1)
+    await store.write("r", [new_item("a", "g1")])
+    assert (await store.lease("r", 5, min_groups=2)).groups == [], "one of the two groups asked for is ready"
 
     async def later() -> None:
         await asyncio.sleep(0.2)
-        await store.write("r", [new_item("a", "g1"), new_item("b", "g2")])
+        await store.write("r", [new_item("b", "g2")])
 
     writer = asyncio.create_task(later())
+    started = time.monotonic()
     result = await store.lease_wait("r", 5, min_groups=2, wait_seconds=5)
     await writer
     assert len(result.groups) == 2
+    # Woken by the second group's ready signal, not by the re-check a second later.
+    assert time.monotonic() - started < 0.2 + 0.25
     empty = await store.lease_wait("r", 5, min_groups=1, wait_seconds=0.1)
     assert empty.groups == []
