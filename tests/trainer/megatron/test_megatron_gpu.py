@@ -1,15 +1,18 @@
 """The Megatron backend on CUDA with megatron-core: the same log-probs, loss and first update as the torch backend
-on the same model and batch, Hugging Face weights out bitwise, checkpoint resume, tensor and data
-parallelism matching one rank, and ``slime train --train-backend megatron`` end to end with NCCL weight sync.
-Skipped without a GPU or without megatron-core; the parallel and end-to-end cases need two GPUs."""
+on the same model and batch, Hugging Face weights out bitwise, checkpoint resume, activation recomputation
+changing no result, tensor, pipeline, expert and data parallelism matching one rank, and ``slime train
+--train-backend megatron`` end to end with NCCL weight sync. Skipped without a GPU or without megatron-core; the
+parallel and end-to-end cases need two GPUs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -335,7 +338,97 @@ def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch):
         worker.shutdown()
 
 
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory) -> Path:
+    """Four wider layers: long sequences make the activations, not the weights, the bulk of training's memory."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("megatron") / "qwen2_deep",
+        arch="qwen2",
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=1024,
+        corpus=default_corpus(lines=200),
+    )
+
+
+RECOMPUTE = {
+    "none": (),
+    "selective": ("--recompute-granularity", "selective"),
+    "full_uniform": (
+        "--recompute-granularity",
+        "full",
+        "--recompute-method",
+        "uniform",
+        "--recompute-num-layers",
+        "1",
+    ),
+    "full_block": (
+        "--recompute-granularity",
+        "full",
+        "--recompute-method",
+        "block",
+        "--recompute-num-layers",
+        "4",
+    ),
+}
+
+
+def test_recompute_changes_no_result_and_full_recompute_saves_memory(deep_dir):
+    """Each rank in this process in turn, so the test reads its peak GPU memory of one training step."""
+    from services.core.net import free_port
+    from trainer.backends.megatron_backend.worker import MegatronTrainWorker
+    from trainer.backends.torch_backend.worker import ACTOR, DistInit
+
+    batch = random_batch(8, seed=13, prompt=(150, 250), response=(100, 200))
+    runs = {}
+    for name, flags in RECOMPUTE.items():
+        args = trainer_args(deep_dir, *STEP, *flags, "--train-backend", "megatron")
+        worker = MegatronTrainWorker(
+            args, role=ACTOR, rank=0, world_size=1, dist_init=DistInit("127.0.0.1", free_port())
+        )
+        try:
+            assert worker.config.recompute_granularity == (flags[1] if flags else None)
+            worker.prepare(batch)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
+            step = worker.train(rollout_id=0)["steps"][0]
+            peak = torch.cuda.max_memory_allocated() - resident
+            log_probs = _flat([lp for _, lp in sorted(worker.compute_log_probs(batch).items())])
+            runs[name] = {"step": step, "peak": peak, "lp": log_probs, "sum": worker.parameter_checksum()}
+        finally:
+            worker.shutdown()
+    base = runs["none"]
+    for name, run in runs.items():
+        report(
+            **{
+                f"recompute_{name}_peak_ratio": run["peak"] / base["peak"],
+                f"recompute_{name}_loss_rel": _rel(run["step"]["loss"], base["step"]["loss"]),
+                f"recompute_{name}_grad_norm_rel": _rel(run["step"]["grad_norm"], base["step"]["grad_norm"]),
+                f"recompute_{name}_logprob_after_max_abs": (run["lp"] - base["lp"]).abs().max().item(),
+            }
+        )
+        assert run["step"]["loss"] == pytest.approx(base["step"]["loss"], rel=1e-6, abs=1e-8)
+        assert run["step"]["grad_norm"] == pytest.approx(base["step"]["grad_norm"], rel=1e-5)
+        assert (run["lp"] - base["lp"]).abs().max().item() < 1e-5
+        assert run["sum"] == pytest.approx(base["sum"], rel=1e-6)
+    assert runs["full_uniform"]["peak"] < 0.8 * base["peak"]
+    assert runs["full_block"]["peak"] < 0.8 * base["peak"]
+
+
 # Two-GPU layouts: (model fixture, flags of both runs, flags of the two-GPU run).
+PPO = ("--advantage-estimator", "ppo", "--critic-lr", "1e-3")
+FULL_RECOMPUTE = (
+    "--recompute-granularity",
+    "full",
+    "--recompute-method",
+    "uniform",
+    "--recompute-num-layers",
+    "1",
+)
+PP2 = ("--pipeline-model-parallel-size", "2")
 LAYOUTS = {
     "tp2": ("model_dir", (), ("--tensor-model-parallel-size", "2")),
     "dp2": ("model_dir", (), ()),
@@ -346,6 +439,11 @@ LAYOUTS = {
         ("--use-routing-replay",),
         ("--tensor-model-parallel-size", "2", "--sequence-parallel"),
     ),
+    "pp2": ("model_dir", (), PP2),
+    "pp2_bf16": ("model_dir", ("--bf16",), PP2),
+    "pp2_full_recompute": ("model_dir", FULL_RECOMPUTE, PP2),
+    "pp2_ppo_critic": ("model_dir", PPO, PP2),
+    "moe_pp2_routing_replay": ("moe_dir", ("--use-routing-replay",), PP2),
 }
 
 
@@ -358,23 +456,108 @@ def test_two_gpus_give_the_loss_of_one(request, layout):
     batch = random_batch(8, seed=7, prompt=(4, 12), response=(4, 12))
     with _megatron(model, *common) as single:
         one_lp = _flat(single.compute_log_probs(batch))
-        one = single.train_step(batch, rollout_id=0).steps[0]
+        one_result = single.train_step(batch, rollout_id=0)
         one_sum = single.parameter_checksum()
     with _megatron(model, *common, "--actor-num-gpus-per-node", "2", *parallel) as double:
         two_lp = _flat(double.compute_log_probs(batch))
-        two = double.train_step(batch, rollout_id=0).steps[0]
+        two_result = double.train_step(batch, rollout_id=0)
         two_sum = double.parameter_checksum()
+    one, two = one_result.steps[0], two_result.steps[0]
     report(
         **{
             f"{layout}_logprob_max_abs": (two_lp - one_lp).abs().max().item(),
             f"{layout}_loss_rel": _rel(two["loss"], one["loss"]),
             f"{layout}_grad_norm_rel": _rel(two["grad_norm"], one["grad_norm"]),
+            f"{layout}_sum_rel": _rel(two_sum[1], one_sum[1]),
         }
     )
     assert (two_lp - one_lp).abs().max().item() < 1e-4
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
     assert two_sum == pytest.approx(one_sum, rel=1e-5)
+    assert two_result.rollout == pytest.approx(one_result.rollout, rel=1e-4, abs=1e-6)
+    if one_result.critic_steps:
+        one_critic, two_critic = one_result.critic_steps[0], two_result.critic_steps[0]
+        report(**{f"{layout}_value_loss_rel": _rel(two_critic["value_loss"], one_critic["value_loss"])})
+        assert two_critic["value_loss"] == pytest.approx(one_critic["value_loss"], rel=1e-4)
+        assert two_critic["grad_norm"] == pytest.approx(one_critic["grad_norm"], rel=1e-3)
+
+
+@contextlib.contextmanager
+def _cpu_engine(model_dir: Path) -> Iterator[str]:
+    """A built-in rollout engine on CPU on loopback, serving ``model_dir``; yields its base URL."""
+    from services.core.net import free_port, wait_http_ok
+
+    port = free_port()
+    argv = [sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(model_dir)]
+    argv += [
+        "--port",
+        str(port),
+        "--num-threads",
+        "2",
+        "--engine-backend",
+        "builtin",
+        "--engine-device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(argv, cwd=ROOT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _engine_gap(trainer, engine_url: str) -> float:
+    """Largest gap between the engine's log-probs of its own samples and the trainer's for the same tokens."""
+    from tests.trainer.weight_sync.test_weight_sync import engine_rollout, max_gap
+
+    return max_gap(trainer, engine_rollout(engine_url))
+
+
+@two_gpus
+def test_pipeline_stages_export_resume_and_push_the_whole_model(model_dir, tmp_path):
+    """PP=2 (the tied word embeddings on both stages): the Hugging Face export gathers both stages bitwise, a saved
+    checkpoint resumes into the same next step, and a weight push (disk transport) gives a real engine on loopback
+    the trained weights of every stage."""
+    flags = (
+        "--actor-num-gpus-per-node", "2", *PP2, "--lr", "2e-2",
+        "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
+    )  # fmt: skip
+    first, second = random_batch(8, seed=5), random_batch(8, seed=6)
+    with _cpu_engine(model_dir) as engine_url:
+        with _megatron(model_dir, *flags) as trainer:
+            assert trainer.load() is None
+            exported = _state(trainer, tmp_path / "export")
+            original = checkpoint.read_hf_weights(model_dir, flag="--hf-checkpoint")
+            assert sorted(exported) == sorted(original)
+            assert all(torch.equal(exported[k], original[k]) for k in original)
+            trainer.train_step(first, rollout_id=0)
+            trainer.save(0)
+            saved = trainer.parameter_checksum()
+            continued = trainer.train_step(second, rollout_id=1).steps[0]
+            continued_sum = trainer.parameter_checksum()
+            stale = _engine_gap(trainer, engine_url)
+            trainer.update_weights([engine_url], transport="disk", disk_dir=str(tmp_path / "push"))
+            pushed = _engine_gap(trainer, engine_url)
+        with _megatron(model_dir, *flags) as resumed:
+            assert resumed.load() == 0
+            assert resumed.parameter_checksum() == saved
+            again = resumed.train_step(second, rollout_id=1).steps[0]
+            resumed_sum = resumed.parameter_checksum()
+    report(
+        pp2_push_gap_before=stale,
+        pp2_push_gap_after=pushed,
+        pp2_resume_loss_rel=_rel(again["loss"], continued["loss"]),
+    )
+    assert stale > 1e-2 and pushed < 1e-3
+    assert again["loss"] == pytest.approx(continued["loss"], rel=1e-6, abs=1e-8)
+    assert resumed_sum == pytest.approx(continued_sum, rel=1e-6)
 
 
 @two_gpus
@@ -416,7 +599,7 @@ def test_slime_train_with_megatron_and_nccl_weight_sync(model_dir, tmp_path, off
         samples = torch.load(out / "debug" / f"rollout_{rollout_id}.pt", weights_only=False)["samples"]
         assert all(s["weight_versions"] == [str(rollout_id + 1)] for s in samples)
     assert "(nccl, 2 ranks)" in result.stderr
-    assert "megatron rank 0/1" in result.stderr
+    assert "megatron actor rank 0/1" in result.stderr
     report(
         e2e_first_kl_loss=rollouts[0]["train/kl_loss"],
         e2e_weight_sync_seconds=rollouts[-1]["perf/weight_sync_seconds"],

@@ -154,4 +154,91 @@ def check_megatron_args(args: Any, arch: Architecture) -> None:
         )
 
 
-__all__ = ["Architecture", "architecture_from_hf", "check_megatron_args", "padded_vocab_size"]
+def recompute_config_kwargs(args: Any, layers_per_stage: int | None = None) -> dict[str, Any]:
+    """megatron-core ``TransformerConfig``'s activation-recomputation fields from slime's (Megatron's) flags.
+
+    - ``--recompute-granularity selective`` (or ``--recompute-activations``, Megatron's shorthand for it): every
+      layer's core attention is recomputed in the backward pass; it takes no ``--recompute-method`` or
+      ``--recompute-num-layers``.
+    - ``--recompute-granularity full``: whole layers keep only their input and are recomputed, chosen by
+      ``--recompute-method uniform`` (every layer, checkpointed in chunks of ``--recompute-num-layers``) or ``block``
+      (the first ``--recompute-num-layers`` layers of each pipeline stage).
+
+    Combinations megatron-core (or Megatron-LM's argument check) would reject raise here naming the flag;
+    ``layers_per_stage``, when known, bounds ``--recompute-num-layers``."""
+    granularity = args.recompute_granularity
+    method, num_layers = args.recompute_method, args.recompute_num_layers
+    modules = getattr(args, "recompute_modules", None)
+    if getattr(args, "recompute_activations", False):
+        if granularity == "full":
+            raise ValueError(
+                "--recompute-activations is Megatron's shorthand for --recompute-granularity selective, but "
+                "--recompute-granularity full is given: pass one of them"
+            )
+        granularity = "selective"
+    if granularity is None:
+        stray = [
+            flag
+            for flag, value in (
+                ("--recompute-method", method),
+                ("--recompute-num-layers", num_layers),
+                ("--recompute-modules", modules),
+            )
+            if value is not None
+        ]
+        if stray:
+            raise ValueError(
+                f"{' and '.join(stray)} given without --recompute-granularity: pass --recompute-granularity full "
+                "(with --recompute-method and --recompute-num-layers) or selective (with --recompute-modules)"
+            )
+        return {}
+    if granularity == "selective":
+        if method is not None or num_layers is not None:
+            flag = "--recompute-method" if method is not None else "--recompute-num-layers"
+            raise ValueError(
+                f"{flag} applies to --recompute-granularity full; selective recomputation recomputes the core "
+                "attention of every layer and takes neither --recompute-method nor --recompute-num-layers"
+            )
+        if modules is not None and modules not in ("core_attn", ["core_attn"]):
+            given = " ".join(map(str, modules)) if isinstance(modules, list) else modules
+            raise ValueError(
+                f"--recompute-modules {given}: this backend's selective recomputation recomputes core attention "
+                "only (--recompute-modules core_attn, the default)"
+            )
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if modules is not None:
+        raise ValueError("--recompute-modules applies to --recompute-granularity selective, not full")
+    if method is None:
+        raise ValueError(
+            "--recompute-granularity full needs --recompute-method: uniform (every layer recomputed, checkpointed "
+            "in chunks of --recompute-num-layers) or block (the first --recompute-num-layers layers of each "
+            "pipeline stage)"
+        )
+    if (
+        num_layers is None
+        or num_layers < 1
+        or (layers_per_stage is not None and num_layers > layers_per_stage)
+    ):
+        bound = "the layers of a pipeline stage"
+        if layers_per_stage is not None:
+            bound = f"{layers_per_stage} ({bound})"
+        given = "is missing" if num_layers is None else f"is {num_layers}"
+        raise ValueError(
+            f"--recompute-granularity full needs --recompute-num-layers between 1 and {bound}; it {given}"
+        )
+    if getattr(args, "use_routing_replay", False):
+        raise ValueError(
+            "--use-routing-replay with --recompute-granularity full: the routers would run again in the backward "
+            "pass without the recorded routes (this backend replays them in the forward pass only); use "
+            "--recompute-granularity selective"
+        )
+    return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
+
+
+__all__ = [
+    "Architecture",
+    "architecture_from_hf",
+    "check_megatron_args",
+    "padded_vocab_size",
+    "recompute_config_kwargs",
+]

@@ -1,14 +1,19 @@
 """megatron-core's ``GPTModel`` built from a Hugging Face config: parallel state, the layer spec (megatron-core's
-local modules with a packed-sequence SDPA core attention), Hugging Face weights in and out, forward passes on
-packed rows with vocabulary-parallel logits gathered and the vocabulary padding cut off.
+local modules with a packed-sequence SDPA core attention), one pipeline stage of it, Hugging Face weights in and
+out (every stage's, gathered), forward passes on packed rows with vocabulary-parallel logits gathered and the
+vocabulary padding cut off, and activation recomputation.
 
 Imported only by the Megatron backend's ranks: it needs megatron-core.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -21,11 +26,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.module import Float16Module, MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
 from trainer.backends.megatron_backend import convert
-from trainer.backends.megatron_backend.config import Architecture
+from trainer.backends.megatron_backend.config import Architecture, recompute_config_kwargs
 from trainer.data_packing import PackedBatch
 
 logger = logging.getLogger(__name__)
@@ -169,11 +175,18 @@ def initialize_parallel(
 
 def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    pp = args.pipeline_model_parallel_size
+    kwargs = arch.transformer_config_kwargs()
+    if pp > 1:
+        # Packed rows differ in length from one micro-batch to the next: the stages send each activation's shape
+        # ahead of it (variable_seq_lengths), which megatron-core's allgather MoE dispatcher does not support.
+        kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    layers_per_stage = len(convert.stage_layers(arch.shape.num_layers, pp, 0))
     return TransformerConfig(
-        **arch.transformer_config_kwargs(),
+        **kwargs,
         activation_func=F.silu,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=pp,
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=bool(args.sequence_parallel) and args.tensor_model_parallel_size > 1,
         params_dtype=dtype,
@@ -182,8 +195,31 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
         use_cpu_initialization=True,
         perform_initialization=False,
         deterministic_mode=bool(args.deterministic_mode),
+        **recompute_config_kwargs(args, layers_per_stage),
         **({"moe_enable_routing_replay": True} if args.use_routing_replay else {}),
     )
+
+
+@contextlib.contextmanager
+def recomputing(model: torch.nn.Module, config: TransformerConfig) -> Iterator[None]:
+    """Activation recomputation (``--recompute-granularity``) for the training forwards and backwards inside.
+
+    megatron-core recomputes only in training mode: under ``full`` the transformer block checkpoints its layers,
+    under ``selective`` each attention module its core attention. The model otherwise stays in eval mode (the RL
+    log-probs of a training forward must equal those of a log-prob pass: no dropout, no training-only MoE
+    behaviour), so only these modules switch to training mode, and back after."""
+    if config.recompute_granularity is None:
+        yield
+        return
+    kind = TransformerBlock if config.recompute_granularity == "full" else Attention
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    for module in modules:
+        module.training = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.training = False
 
 
 def _moe_without_transformer_engine() -> None:
@@ -197,7 +233,8 @@ def _moe_without_transformer_engine() -> None:
 
 
 def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head: bool = False) -> GPTModel:
-    """The bare ``GPTModel`` (not yet on the GPU, weights uninitialised); with ``value_head``, a critic."""
+    """This pipeline stage's bare ``GPTModel`` (not yet on the GPU, weights uninitialised): its layers, the
+    embedding on the first stage, the final norm and output layer on the last; with ``value_head``, a critic."""
     s = arch.shape
     if s.num_experts:
         _moe_without_transformer_engine()
@@ -214,14 +251,18 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head
     if s.qk_norm:
         layer.self_attention.submodules.q_layernorm = RMSNorm
         layer.self_attention.submodules.k_layernorm = RMSNorm
-    block = TransformerBlockSubmodules(layer_specs=[spec] * config.num_layers, layer_norm=RMSNorm)
+    layers = convert.stage_layers(
+        s.num_layers, config.pipeline_model_parallel_size, mpu.get_pipeline_model_parallel_rank()
+    )
+    block = TransformerBlockSubmodules(layer_specs=[spec] * len(layers), layer_norm=RMSNorm)
+    last_stage = mpu.is_pipeline_last_stage()
     gpt = (CriticGPTModel if value_head else GPTModel)(
         config=config,
         transformer_layer_spec=block,
         vocab_size=s.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=mpu.is_pipeline_first_stage(),
+        post_process=last_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=s.tie_word_embeddings and not value_head,
         position_embedding_type="rope",
@@ -229,7 +270,7 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
-    if value_head:
+    if value_head and last_stage:
         gpt.output_layer = ValueHead(config)
     return gpt
 
@@ -246,8 +287,20 @@ def unwrap(model: torch.nn.Module) -> GPTModel:
 
 
 # ---------------------------------------------------------------------------------------- naming
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
 def global_name(name: str, shape: convert.ModelShape) -> str:
-    """A parameter name of this rank's ``GPTModel`` → the full model's name (experts numbered globally)."""
+    """A parameter name of this rank's ``GPTModel`` → the full model's name (layers numbered across pipeline
+    stages, experts across expert-parallel ranks)."""
+    match = _LAYER.match(name)
+    if match is not None and mpu.get_pipeline_model_parallel_world_size() > 1:
+        offset = convert.stage_layers(
+            shape.num_layers,
+            mpu.get_pipeline_model_parallel_world_size(),
+            mpu.get_pipeline_model_parallel_rank(),
+        ).start
+        name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"
     marker = "mlp.experts.local_experts."
     if marker not in name:
         return name
@@ -258,6 +311,14 @@ def global_name(name: str, shape: convert.ModelShape) -> str:
     local, rest = tail.split(".", 1)
     per_rank = shape.num_experts // ep_size
     return f"{head}{marker}{int(local) + mpu.get_expert_model_parallel_rank() * per_rank}.{rest}"
+
+
+def _is_tied_copy(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` (a name of this rank's ``GPTModel``) is the last pipeline stage's copy of tied word
+    embeddings: megatron-core keeps it equal to the first stage's embedding (same start, gradients summed), so it
+    is loaded from the embedding and not exported a second time."""
+    gpt = unwrap(model)
+    return name == "output_layer.weight" and gpt.share_embeddings_and_output_weights and not gpt.pre_process
 
 
 def _tp_group_of(name: str) -> tuple[Any, int, int]:
@@ -283,7 +344,11 @@ def local_shards(
     out = {}
     gpt_prefix = _gpt_prefix(model)
     for name, param in model.named_parameters():
-        mg_name = global_name(name.removeprefix(gpt_prefix), shape)
+        local_name = name.removeprefix(gpt_prefix)
+        if _is_tied_copy(model, local_name):
+            mg_name = "embedding.word_embeddings.weight"
+        else:
+            mg_name = global_name(local_name, shape)
         if mg_name not in mg_full:
             raise KeyError(f"Megatron parameter {mg_name!r} missing from the converted weights")
         _, tp_size, tp_rank = _tp_group_of(mg_name)
@@ -314,64 +379,132 @@ def _gpt_prefix(model: torch.nn.Module) -> str:
     return prefix
 
 
-def iter_full_megatron_params(
+@dataclass(frozen=True)
+class FullParam:
+    """One tensor of the full model as :func:`iter_full_megatron_params` yields it: Megatron name, full shape,
+    dtype and the pipeline stage that holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stage: int
+
+
+def _stage_params(
     model: torch.nn.Module, shape: convert.ModelShape
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter in full (TP shards all-gathered; with expert parallelism, every rank's experts), by
-    Megatron name. A collective: every rank of the model must iterate to the end."""
+) -> Iterator[tuple[str, torch.nn.Parameter, list[str]]]:
+    """This stage's parameters to export, each with its Megatron name and the full-model names it stands for (with
+    expert parallelism, one per expert-parallel rank)."""
     prefix = _gpt_prefix(model)
     ep_size = mpu.get_expert_model_parallel_world_size()
     for name, param in model.named_parameters():
-        mg_name = global_name(name.removeprefix(prefix), shape)
+        local_name = name.removeprefix(prefix)
+        if _is_tied_copy(model, local_name):
+            continue
+        mg_name = global_name(local_name, shape)
+        if ep_size > 1 and ".mlp.experts.local_experts." in mg_name:
+            head, tail = mg_name.split("local_experts.")
+            local, rest = tail.split(".", 1)
+            per_rank = shape.num_experts // ep_size
+            index = int(local) % per_rank
+            yield (
+                mg_name,
+                param,
+                [f"{head}local_experts.{index + r * per_rank}.{rest}" for r in range(ep_size)],
+            )
+        else:
+            yield mg_name, param, [mg_name]
+
+
+def full_param_plan(model: torch.nn.Module, shape: convert.ModelShape) -> list[FullParam]:
+    """Every tensor of the full model, stage by stage, in the order :func:`iter_full_megatron_params` yields them;
+    the same list on every rank (a collective over the pipeline group when there are several stages)."""
+    mine = []
+    for mg_name, param, names in _stage_params(model, shape):
+        _, tp_size, _ = _tp_group_of(mg_name)
+        full = list(param.shape)
+        dim = convert.tp_split_dim(mg_name)
+        if tp_size > 1 and dim is not None:
+            full[dim] *= tp_size
+        mine.extend((name, tuple(full), param.dtype) for name in names)
+    pp_size = mpu.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        stages = [mine]
+    else:
+        stages = [None] * pp_size
+        dist.all_gather_object(stages, mine, group=mpu.get_pipeline_model_parallel_group())
+    return [
+        FullParam(name, full, dtype, stage)
+        for stage, entries in enumerate(stages)
+        for name, full, dtype in entries
+    ]
+
+
+def _iter_stage_params(
+    model: torch.nn.Module, shape: convert.ModelShape
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """This stage's parameters in full (TP shards all-gathered; with expert parallelism, every rank's experts).
+    A collective over the stage's tensor- and expert-parallel groups."""
+    ep_size = mpu.get_expert_model_parallel_world_size()
+    for mg_name, param, names in _stage_params(model, shape):
         group, tp_size, _ = _tp_group_of(mg_name)
         tensor = param.detach()
         if tp_size > 1 and convert.tp_split_dim(mg_name) is not None:
             shards = [torch.empty_like(tensor) for _ in range(tp_size)]
             dist.all_gather(shards, tensor.contiguous(), group=group)
             tensor = convert.gather_from_tp(mg_name, shards)
-        if ep_size > 1 and ".mlp.experts.local_experts." in mg_name:
+        if len(names) > 1:
             gathered = [torch.empty_like(tensor) for _ in range(ep_size)]
             dist.all_gather(gathered, tensor.contiguous(), group=mpu.get_expert_model_parallel_group())
-            head, tail = mg_name.split("local_experts.")
-            rest = tail.split(".", 1)[1]
-            local = int(tail.split(".", 1)[0]) % (shape.num_experts // ep_size)
-            per_rank = shape.num_experts // ep_size
-            for r, t in enumerate(gathered):
-                yield f"{head}local_experts.{local + r * per_rank}.{rest}", t
-            continue
-        yield mg_name, tensor
+            yield from zip(names, gathered, strict=True)
+        else:
+            yield mg_name, tensor
 
 
-def iter_hf_params(model: torch.nn.Module, shape: convert.ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_megatron_params(
+    model: torch.nn.Module, shape: convert.ModelShape, plan: list[FullParam]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter in full by Megatron name, in ``plan``'s order (see :func:`full_param_plan`). With pipeline
+    stages, each tensor is broadcast from its stage to every stage. A collective: every rank of the model must
+    iterate to the end."""
+    pp_size = mpu.get_pipeline_model_parallel_world_size()
+    if pp_size == 1:
+        yield from _iter_stage_params(model, shape)
+        return
+    group = mpu.get_pipeline_model_parallel_group()
+    stage_ranks = dist.get_process_group_ranks(group)
+    stage = mpu.get_pipeline_model_parallel_rank()
+    own = _iter_stage_params(model, shape)
+    device = torch.device("cuda", torch.cuda.current_device())
+    for entry in plan:
+        if entry.stage == stage:
+            name, tensor = next(own)
+            if name != entry.name:
+                raise RuntimeError(
+                    f"pipeline stage {stage} yields {name!r} where its plan has {entry.name!r}"
+                )
+            tensor = tensor.contiguous()
+        else:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+        dist.broadcast(tensor, src=stage_ranks[entry.stage], group=group)
+        yield entry.name, tensor
+
+
+def iter_hf_params(
+    model: torch.nn.Module, shape: convert.ModelShape, plan: list[FullParam]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every parameter by its Hugging Face name, in full, vocabulary padding stripped (collective)."""
-    for mg_name, tensor in iter_full_megatron_params(model, shape):
+    for mg_name, tensor in iter_full_megatron_params(model, shape, plan):
         yield from convert.megatron_param_to_hf(mg_name, tensor, shape)
 
 
-def megatron_param_sizes(
-    model: torch.nn.Module, shape: convert.ModelShape, dtype: torch.dtype | None
-) -> list[tuple[str, int]]:
-    """(Megatron name, bytes in full) of every tensor ``iter_full_megatron_params`` yields, in its order, without
-    communication: what weight-sync buckets are planned from."""
-    prefix = _gpt_prefix(model)
-    ep_size = mpu.get_expert_model_parallel_world_size()
-    out = []
-    for name, param in model.named_parameters():
-        mg_name = global_name(name.removeprefix(prefix), shape)
-        _, tp_size, _ = _tp_group_of(mg_name)
-        numel = param.numel() * (tp_size if convert.tp_split_dim(mg_name) is not None else 1)
-        nbytes = numel * (param.element_size() if dtype is None else dtype.itemsize)
-        if ep_size > 1 and ".mlp.experts.local_experts." in mg_name:
-            head, tail = mg_name.split("local_experts.")
-            local, rest = tail.split(".", 1)
-            per_rank = shape.num_experts // ep_size
-            local_index = int(local) % per_rank
-            out.extend(
-                (f"{head}local_experts.{local_index + r * per_rank}.{rest}", nbytes) for r in range(ep_size)
-            )
-        else:
-            out.append((mg_name, nbytes))
-    return out
+def megatron_param_sizes(plan: list[FullParam], dtype: torch.dtype | None) -> list[tuple[str, int]]:
+    """(Megatron name, bytes in full, in ``dtype`` if given) of every tensor ``iter_full_megatron_params`` yields,
+    in its order: what weight-sync buckets are planned from."""
+    return [
+        (entry.name, math.prod(entry.shape) * (entry.dtype if dtype is None else dtype).itemsize)
+        for entry in plan
+    ]
 
 
 # ------------------------------------------------------------------------------------------ forward
@@ -392,9 +525,11 @@ def sequence_multiple(config: TransformerConfig) -> int:
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
-def _forward_packed(model: torch.nn.Module, packed: PackedBatch, multiple: int) -> torch.Tensor:
-    """The model's output ``[1, T', X]`` for one packed row, padded with a sequence of its own (attended to by
-    nothing else) to a length that divides by ``multiple``."""
+def forward_packed(model: torch.nn.Module, packed: PackedBatch, multiple: int) -> torch.Tensor:
+    """This stage's output for one packed row, padded with a sequence of its own (attended to by nothing else) to
+    a length that divides by ``multiple``: on the last pipeline stage the model's output ``[1, T', X]``, on the
+    others the hidden states ``[T', 1, hidden]`` (this rank's slice of T' under sequence parallelism) sent on to
+    the next stage, which reads them as its input instead of ``input_ids``."""
     input_ids, position_ids, lengths = packed.input_ids, packed.position_ids, list(packed.total_lengths)
     pad = -packed.num_tokens % multiple
     if pad:
@@ -415,12 +550,10 @@ def forward_logits(
 ) -> torch.Tensor:
     """Logits ``[T, vocab_size]`` (float32) of one packed row: vocabulary-parallel shards all-gathered, padding
     rows of the vocabulary and the filler tokens of ``multiple`` dropped."""
-    logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-        _forward_packed(model, packed, multiple)
-    )
+    logits = tensor_parallel.gather_from_tensor_model_parallel_region(forward_packed(model, packed, multiple))
     return logits[0, : packed.num_tokens, :vocab_size].float()
 
 
 def forward_values(model: torch.nn.Module, packed: PackedBatch, *, multiple: int = 1) -> torch.Tensor:
     """A critic's values ``[T, 1]`` (float32) of one packed row."""
-    return _forward_packed(model, packed, multiple)[0, : packed.num_tokens].float()
+    return forward_packed(model, packed, multiple)[0, : packed.num_tokens].float()

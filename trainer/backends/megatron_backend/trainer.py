@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from trainer.backends.megatron_backend.config import recompute_config_kwargs
 from trainer.backends.torch_backend.group import WorkerGroup
 from trainer.backends.torch_backend.trainer import TorchTrainer
 from trainer.backends.torch_backend.worker import ACTOR, CRITIC
@@ -32,22 +33,46 @@ def require_megatron(prog: str = "slime train") -> None:
         )
 
 
+# Megatron-LM flags (accepted as pass-through) for virtual pipeline stages and uneven stage splits.
+UNEVEN_OR_INTERLEAVED_PIPELINE_FLAGS = (
+    "--num-layers-per-virtual-pipeline-stage",
+    "--num-virtual-stages-per-pipeline-rank",
+    "--microbatch-group-size-per-virtual-pipeline-stage",
+    "--pipeline-model-parallel-layout",
+    "--decoder-first-pipeline-num-layers",
+    "--decoder-last-pipeline-num-layers",
+    "--account-for-embedding-in-pipeline-split",
+    "--account-for-loss-in-pipeline-split",
+)
+
+
 def check_parallelism(args: Any) -> None:
-    """Raise naming the Megatron flag this backend cannot honour, and what it can."""
+    """Raise naming the Megatron flag this backend cannot honour, and what it can: parallel layouts and
+    activation recomputation (checked again against the model's layers once a rank has loaded its config)."""
     gpus = args.actor_num_gpus_per_node * args.actor_num_nodes
     if args.actor_num_nodes != 1:
         raise ValueError(
             "--train-backend megatron runs its ranks on the trainer's host: set --actor-num-nodes 1"
         )
-    for flag, value in (
-        ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size),
-        ("--context-parallel-size", args.context_parallel_size),
-    ):
-        if value != 1:
+    if args.context_parallel_size != 1:
+        raise ValueError(
+            f"--context-parallel-size {args.context_parallel_size} is not supported by this Megatron backend: "
+            "context parallelism needs TransformerEngine's attention, and this backend builds megatron-core's "
+            "local layer spec; use 1 (tensor, pipeline, expert and data parallelism are supported)"
+        )
+    for flag in UNEVEN_OR_INTERLEAVED_PIPELINE_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value not in (None, False):
             raise ValueError(
-                f"{flag} {value} is not supported by this Megatron backend; use 1 (tensor and data parallelism are)"
+                f"{flag} is not supported by this Megatron backend: it splits the layers evenly over "
+                "--pipeline-model-parallel-size stages and runs the non-interleaved (1F1B) schedule"
             )
-    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    recompute_config_kwargs(args)
+    tp, pp, ep = (
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.expert_model_parallel_size,
+    )
     groups = [("--actor-num-gpus-per-node", gpus)]
     if args.use_critic:
         if args.critic_num_nodes != 1:
@@ -56,10 +81,10 @@ def check_parallelism(args: Any) -> None:
             )
         groups.append(("--critic-num-gpus-per-node", args.critic_num_gpus_per_node))
     for flag, count in groups:
-        if count % (tp * ep):
+        if count % (tp * pp * ep):
             raise ValueError(
                 f"{flag} {count} must be a multiple of --tensor-model-parallel-size {tp} × "
-                f"--expert-model-parallel-size {ep}"
+                f"--pipeline-model-parallel-size {pp} × --expert-model-parallel-size {ep}"
             )
 
 

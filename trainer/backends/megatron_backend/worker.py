@@ -1,11 +1,16 @@
-"""One rank of the Megatron backend: a tensor-parallel shard of megatron-core's ``GPTModel`` (the actor, or with a
-value head the PPO critic) under Megatron's ``DistributedDataParallel`` and optimizer.
+"""One rank of the Megatron backend: a tensor-parallel shard of one pipeline stage of megatron-core's ``GPTModel``
+(the actor, or with a value head the PPO critic) under Megatron's ``DistributedDataParallel`` and optimizer.
 
 It is the torch backend's ``TrainWorker`` with the model, the forward pass, the optimizer step, checkpoints,
 export and the weight push replaced: the data schedule (DP partition, micro-batches, dynamic batching), the
 log-prob, advantage and loss passes (``trainer.algorithms``) and the weight-sync transports are the same code.
 ``self.rank`` / ``self.world_size`` / ``self.group`` are the data-parallel ones, so everything inherited splits
 data and reduces metrics over data-parallel ranks only; tensor-parallel peers compute the same values.
+
+With pipeline stages (``--pipeline-model-parallel-size``), every pass over micro-batches (log-probs, values,
+training) runs through megatron-core's pipeline schedule; the last stage computes log-probs, values and losses
+with the shared code and broadcasts them to the other stages, so every rank holds the same rollout state and the
+driver reads any rank's answer.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig
 from trainer.algorithms.loss import LossConfig
+from trainer.algorithms.reduction import normalizer
 from trainer.algorithms.tis import load_tis_function
 from trainer.backends.batch import RolloutBatch
 from trainer.backends.megatron_backend import convert, torch_format
@@ -42,7 +48,6 @@ from trainer.backends.torch_backend.worker import (
     WeightPushReport,
     WeightPushRequest,
 )
-from trainer.data_packing import pack_sequences
 from trainer.weight_sync.transports import WeightSender, plan_buckets
 
 logger = logging.getLogger(__name__)
@@ -56,8 +61,13 @@ def _load_hook(path: str | None, flag: str) -> Any:
     return load_function(path, flag=flag)
 
 
+def _no_reduction(loss: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The pipeline schedule's loss function: the loss (and metrics) were computed in the forward step."""
+    return loss, {}
+
+
 class MegatronTrainWorker(TrainWorker):
-    """One rank of the actor or the critic (tensor × expert × data parallel)."""
+    """One rank of the actor or the critic (tensor × pipeline × expert × data parallel)."""
 
     def __init__(
         self, args: Any, *, role: str, rank: int, world_size: int, dist_init: DistInit | None
@@ -75,7 +85,7 @@ class MegatronTrainWorker(TrainWorker):
         self.global_world_size = world_size
         self.device = torch.device("cuda", (rank + dist_init.gpu_offset) % torch.cuda.device_count())
         torch.cuda.set_device(self.device)
-        tp = args.tensor_model_parallel_size
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         mg_model.initialize_parallel(
             rank=rank,
             world_size=world_size,
@@ -83,7 +93,7 @@ class MegatronTrainWorker(TrainWorker):
             master_port=dist_init.master_port,
             timeout_minutes=dist_init.timeout_minutes,
             tp_size=tp,
-            pp_size=1,
+            pp_size=pp,
             ep_size=args.expert_model_parallel_size,
             seed=args.seed,
         )
@@ -91,6 +101,9 @@ class MegatronTrainWorker(TrainWorker):
         self.world_size = mpu.get_data_parallel_world_size()
         self.group = mpu.get_data_parallel_group() if self.world_size > 1 else None
         self.tp_rank = mpu.get_tensor_model_parallel_rank()
+        self.pp_size = pp
+        self.pp_rank = mpu.get_pipeline_model_parallel_rank()
+        self.last_stage = mpu.is_pipeline_last_stage()
         if args.deterministic_mode:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(args.seed)
@@ -109,6 +122,7 @@ class MegatronTrainWorker(TrainWorker):
         self.shape = self.arch.shape
         check_megatron_args(args, self.arch)
         convert.check_tp_compatible(self.shape, tp)
+        convert.stage_layers(self.shape.num_layers, pp, self.pp_rank)
         if args.use_routing_replay and not self.shape.num_experts:
             raise ValueError(
                 f"--use-routing-replay replays MoE expert routing, but {args.hf_checkpoint} ({self.architecture}) "
@@ -123,6 +137,7 @@ class MegatronTrainWorker(TrainWorker):
         total_steps = args.num_rollout * self.steps_per_rollout if args.num_rollout else None
         self.optim_config = OptimizerConfig.from_args(args, role=role, total_steps=total_steps)
         self.model, self.optimizer = self._build()
+        self.param_plan = mg_model.full_param_plan(self.model, self.shape)
         # The same schedule as the torch backend, applied to Megatron's parameter groups; it is what the
         # before-train-step hook receives as ``opt_param_scheduler``.
         self.schedule = LRSchedule(self.optimizer, self.optim_config)
@@ -155,12 +170,14 @@ class MegatronTrainWorker(TrainWorker):
         self.local: LocalRollout | None = None
         self.senders: dict[tuple[str, tuple[str, ...], int | None], WeightSender] = {}
         logger.info(
-            "megatron %s rank %d/%d (TP %d/%d, DP %d/%d) on %s: %s from %s",
+            "megatron %s rank %d/%d (TP %d/%d, PP %d/%d, DP %d/%d) on %s: %s from %s",
             role,
             rank,
             world_size,
             self.tp_rank,
             tp,
+            self.pp_rank,
+            pp,
             self.rank,
             self.world_size,
             self.device,
@@ -250,26 +267,142 @@ class MegatronTrainWorker(TrainWorker):
 
     # ----------------------------------------------------------------------------------------- forwards
     def _forward(self, local: LocalRollout, positions: list[int]) -> torch.Tensor:
+        """The micro-batch's logits ``[T, vocab]`` (a critic's values ``[T, 1]``); on a pipeline stage before the
+        last, the hidden states it sends on."""
         from megatron.core import parallel_state as mpu
 
-        packed = pack_sequences([local.tokens[i] for i in positions], device=self.device)
+        packed = self._pack(local, positions)
         multiple = mg_model.sequence_multiple(self.config)
-        if self.role == CRITIC:
-            return mg_model.forward_values(self.model, packed, multiple=multiple)
-        if self.routing is None:
+        routing = contextlib.nullcontext()
+        if self.routing is not None:
+            sequence_group = mpu.get_tensor_model_parallel_group() if self.config.sequence_parallel else None
+            routing = self.routing.forward(
+                positions,
+                packed.total_lengths,
+                padding=-packed.num_tokens % multiple,
+                sequence_group=sequence_group,
+            )
+        with routing:
+            if not self.last_stage:
+                return mg_model.forward_packed(self.model, packed, multiple)
+            if self.role == CRITIC:
+                return mg_model.forward_values(self.model, packed, multiple=multiple)
             return mg_model.forward_logits(
                 self.model, packed, vocab_size=self.shape.vocab_size, multiple=multiple
             )
-        sequence_group = mpu.get_tensor_model_parallel_group() if self.config.sequence_parallel else None
-        with self.routing.forward(
-            positions,
-            packed.total_lengths,
-            padding=-packed.num_tokens % multiple,
-            sequence_group=sequence_group,
-        ):
-            return mg_model.forward_logits(
-                self.model, packed, vocab_size=self.shape.vocab_size, multiple=multiple
-            )
+
+    # --------------------------------------------------------------------------------- pipeline stages
+    def _run_pipeline(
+        self,
+        local: LocalRollout,
+        micro_batches: list[list[int]],
+        last_stage_step: Any,
+        *,
+        forward_only: bool,
+    ) -> None:
+        """Every micro-batch through megatron-core's pipeline schedule (1F1B when training). Stages before the last
+        run the model and send its hidden states on; the last stage runs ``last_stage_step(positions)``, which
+        returns the loss to differentiate (already scaled for the step, or any scalar when ``forward_only``).
+
+        Packed rows differ in length, so the stages exchange each activation's shape first (the config's
+        ``variable_seq_lengths``); ``seq_length`` is then unused."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        count = len(micro_batches)
+
+        def forward_step(
+            data_iterator: Iterator[list[int]], model: torch.nn.Module
+        ) -> tuple[torch.Tensor, Any]:
+            positions = next(data_iterator)
+            if not self.last_stage:
+                return self._forward(local, positions), None
+            loss = last_stage_step(positions)
+            # The schedule divides what the loss function returns by the number of micro-batches; the step's
+            # scale is already in the loss.
+            return loss * count, _no_reduction
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=self.model,
+            num_microbatches=count,
+            seq_length=max(sum(local.total_lengths[i] for i in mb) for mb in micro_batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    def _from_last_stage(
+        self, per_sample: list[torch.Tensor | None], lengths: list[int]
+    ) -> list[torch.Tensor]:
+        """Per-sample float32 tensors of ``lengths`` elements, computed on the last pipeline stage, on every stage
+        (one broadcast over the pipeline group)."""
+        from megatron.core import parallel_state as mpu
+
+        if self.last_stage:
+            flat = torch.cat([t.float().reshape(-1) for t in per_sample])
+        else:
+            flat = torch.empty(sum(lengths), dtype=torch.float32, device=self.device)
+        dist.broadcast(
+            flat,
+            src=mpu.get_pipeline_model_parallel_last_rank(),
+            group=mpu.get_pipeline_model_parallel_group(),
+        )
+        return list(flat.split(lengths))
+
+    def _metrics_from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The last pipeline stage's ``metrics`` on every stage."""
+        from megatron.core import parallel_state as mpu
+
+        box = [metrics]
+        dist.broadcast_object_list(
+            box,
+            src=mpu.get_pipeline_model_parallel_last_rank(),
+            group=mpu.get_pipeline_model_parallel_group(),
+            device=self.device,
+        )
+        return box[0]
+
+    @torch.no_grad()
+    def _pipelined_log_probs(
+        self, local: LocalRollout, *, with_entropy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        log_probs: list[torch.Tensor | None] = [None] * len(local.tokens)
+        entropy: list[torch.Tensor | None] = [None] * len(local.tokens)
+
+        def step(positions: list[int]) -> torch.Tensor:
+            logits = self._forward(local, positions)
+            lps, ents = self._response_log_probs(logits, local, positions, with_entropy=with_entropy)
+            for k, i in enumerate(positions):
+                log_probs[i] = lps[k]
+                if ents is not None:
+                    entropy[i] = ents[k]
+            return logits.new_zeros(())
+
+        self._run_pipeline(
+            local, [mb for step in local.log_prob_steps for mb in step], step, forward_only=True
+        )
+        lengths = local.response_lengths
+        return (
+            self._from_last_stage(log_probs, lengths),
+            self._from_last_stage(entropy, lengths) if with_entropy else None,
+        )
+
+    @torch.no_grad()
+    def _value_pass(self, local: LocalRollout) -> list[torch.Tensor]:
+        if self.pp_size == 1:
+            return super()._value_pass(local)
+        values: list[torch.Tensor | None] = [None] * len(local.tokens)
+
+        def step(positions: list[int]) -> torch.Tensor:
+            out = self._forward(local, positions)[:, 0]
+            for i, rows in zip(positions, self._response_rows(local, positions), strict=True):
+                values[i] = out[rows]
+            return out.new_zeros(())
+
+        self._run_pipeline(
+            local, [mb for step in local.log_prob_steps for mb in step], step, forward_only=True
+        )
+        return self._from_last_stage(values, local.response_lengths)
 
     def _with_weights(self, tag: str) -> contextlib.AbstractContextManager[None]:
         inner = super()._with_weights(tag)
@@ -292,6 +425,8 @@ class MegatronTrainWorker(TrainWorker):
         old_policy = self._preparing and not self._store_prefix.startswith("ref")
         recording = self.routing.recording() if self.routing is not None and old_policy else None
         with recording or contextlib.nullcontext():
+            if self.pp_size > 1:
+                return self._pipelined_log_probs(local, with_entropy=with_entropy)
             return super()._log_prob_pass(local, with_entropy=with_entropy)
 
     def _shares_prompts(self) -> bool:
@@ -320,6 +455,36 @@ class MegatronTrainWorker(TrainWorker):
     def _before_micro_batch(self, *, last: bool) -> None:
         """Megatron's DDP reduces the gradient buffers in ``finalize_model_grads``, after the last micro-batch."""
 
+    def _accumulate_gradients(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
+        """The torch backend's gradient accumulation (the loss normalised over the whole step on every data-parallel
+        rank), through the pipeline schedule when there are several stages: the last stage computes each
+        micro-batch's loss and the step's metrics, which every stage then returns."""
+        if self.pp_size == 1:
+            return super()._accumulate_gradients(local, micro_batches)
+        per_token = self.loss_config.per_token
+        step_positions = [i for mb in micro_batches for i in mb]
+        denominator = self._all_reduce(
+            [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
+        )[0]
+        denominator = max(denominator, 1.0)
+        # The data-parallel gradient reduction averages over ranks; the world size undoes that.
+        scale = self.world_size / denominator
+        sums: dict[str, float] = {}
+
+        def step(positions: list[int]) -> torch.Tensor:
+            loss, metrics = self._micro_batch_loss(local, positions)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            return loss * scale
+
+        self._run_pipeline(local, micro_batches, step, forward_only=False)
+        metrics = {}
+        if self.last_stage:
+            keys = sorted(sums)
+            totals = self._all_reduce([sums[k] for k in keys])
+            metrics = {k: v / denominator for k, v in zip(keys, totals, strict=True)}
+        return self._metrics_from_last_stage(metrics)
+
     def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
         from megatron.core.distributed import finalize_model_grads
 
@@ -330,7 +495,8 @@ class MegatronTrainWorker(TrainWorker):
                 self.args, self._rollout_id, self._step_id, self.model, self.optimizer, self.schedule
             )
         # Megatron's DDP averages gradients over data-parallel ranks, as FSDP does in the torch backend.
-        out = self._accumulate_gradients(local, micro_batches)
+        with mg_model.recomputing(self.model, self.config):
+            out = self._accumulate_gradients(local, micro_batches)
         finalize_model_grads([self.model])
         success, grad_norm, _ = self.optimizer.step()
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
@@ -420,16 +586,17 @@ class MegatronTrainWorker(TrainWorker):
     def parameter_checksum(self) -> list[float]:
         total = torch.zeros(2, dtype=torch.float64)
         with self._weights_on_device():
-            for _, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
+            for _, tensor in mg_model.iter_full_megatron_params(self.model, self.shape, self.param_plan):
                 t = tensor.double().cpu()
                 total += torch.stack([t.sum(), t.square().sum()])
         return total.tolist()
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """Every parameter by Hugging Face name on global rank 0 (host memory); a collective."""
+        """Every parameter by Hugging Face name (every pipeline stage's) on global rank 0 (host memory); a
+        collective."""
         state = {}
         with self._weights_on_device():
-            for name, tensor in mg_model.iter_hf_params(self.model, self.shape):
+            for name, tensor in mg_model.iter_hf_params(self.model, self.shape, self.param_plan):
                 if self.global_rank == 0:
                     state[name] = tensor.cpu().clone()
         return state
@@ -555,17 +722,18 @@ class MegatronTrainWorker(TrainWorker):
 
     # ------------------------------------------------------------------------------------- weight push
     def _sender(self, request: WeightPushRequest, buckets: list[list[str]]) -> WeightSender | None:
-        # One tensor-parallel rank per data-parallel replica feeds engines; its peers only help gather.
-        if self.tp_rank != 0:
+        # One rank per data-parallel replica (first pipeline stage, tensor-parallel rank 0) feeds engines; the
+        # others only help gather.
+        if self.tp_rank != 0 or self.pp_rank != 0:
             return None
         return super()._sender(request, buckets)
 
     def push_weights(self, request: WeightPushRequest) -> WeightPushReport | None:
-        """Gather each parameter over tensor (and expert) parallel ranks, convert it to Hugging Face names and
-        push bucket by bucket (``--update-weight-buffer-size``); global rank 0's report. An offloaded rank brings
-        its parameters (not gradients or optimizer state) back to the GPU for the push."""
+        """Gather each parameter over tensor (and expert) parallel ranks and pipeline stages, convert it to Hugging
+        Face names and push bucket by bucket (``--update-weight-buffer-size``); global rank 0's report. An offloaded
+        rank brings its parameters (not gradients or optimizer state) back to the GPU for the push."""
         dtype = self.compute_dtype
-        sizes = mg_model.megatron_param_sizes(self.model, self.shape, dtype)
+        sizes = mg_model.megatron_param_sizes(self.param_plan, dtype)
         buckets = plan_buckets(sizes, self.args.update_weight_buffer_size)
         last_of_bucket = {names[-1] for names in buckets}
         sender = self._sender(request, buckets)
@@ -574,7 +742,9 @@ class MegatronTrainWorker(TrainWorker):
             sender.begin(request.version)
         pending: list[tuple[str, torch.Tensor]] = []
         with self._weights_on_device():
-            for mg_name, tensor in mg_model.iter_full_megatron_params(self.model, self.shape):
+            for mg_name, tensor in mg_model.iter_full_megatron_params(
+                self.model, self.shape, self.param_plan
+            ):
                 if sender is not None:
                     converted = convert.megatron_param_to_hf(mg_name, tensor, self.shape)
                     pending.extend((n, t if dtype is None else t.to(dtype)) for n, t in converted)
