@@ -35,7 +35,7 @@ MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 PAUSE_MODES = ("abort", "retract", "in_place")
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     """A request inside the scheduler. Its keys/values cover ``all_ids[:num_computed]``; while running, exactly
     the last token is not yet in the cache (it is the next decode input)."""
