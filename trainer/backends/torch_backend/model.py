@@ -49,6 +49,9 @@ def packed_sdpa_attention(
         packed_segments = _segments_of_bounds(packed_seq_bounds)
     if packed_segments is None or attention_mask is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    total = query.shape[2]
+    if total <= DENSE_ROW_TOKENS and len(packed_segments) > 1:
+        return sdpa_attention_forward(module, query, key, value, _row_mask(packed_segments, query.device), **kwargs)
     plan = _attention_plan(packed_segments, query.device)
     if plan.whole_row:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
@@ -70,6 +73,32 @@ def packed_sdpa_attention(
             out = attended.new_empty(batch, total, heads, head_dim)
         out[0, cont.destinations] = attended[cont.valid]
     return out, None
+
+
+# A row this short is attended in one call with a [T, T] mask: its gathers and scatters would cost more than the
+# attention that the mask wastes between segments.
+DENSE_ROW_TOKENS = 512
+
+
+@functools.lru_cache(maxsize=64)
+def _row_mask(segments: tuple[Segment, ...], device: torch.device) -> torch.Tensor:
+    """``[1, 1, T, T]``: True where row i may attend to row j (same segment and j ≤ i, or j in i's prefix)."""
+    total = max(start + length for start, length, _, _ in segments)
+    segment_of = torch.full((total,), -1, dtype=torch.long)
+    prefix_start = torch.full((total,), -1, dtype=torch.long)
+    prefix_end = torch.full((total,), -1, dtype=torch.long)
+    for k, (start, length, p_start, p_length) in enumerate(segments):
+        segment_of[start : start + length] = k
+        if p_length:
+            prefix_start[start : start + length] = p_start
+            prefix_end[start : start + length] = p_start + p_length
+    rows, cols = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    own = (segment_of[:, None] == segment_of[None, :]) & (cols <= rows) & (segment_of[:, None] >= 0)
+    prefix = (cols >= prefix_start[:, None]) & (cols < prefix_end[:, None])
+    mask = own | prefix
+    # A row outside every segment (none in a packed row) attends to itself, so that its softmax stays finite.
+    mask |= torch.eye(total, dtype=torch.bool) & (segment_of[:, None] < 0)
+    return mask[None, None].to(device)
 
 
 @dataclass(frozen=True)
