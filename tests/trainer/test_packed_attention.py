@@ -9,10 +9,20 @@ import pytest
 import torch
 
 from trainer.algorithms.logprobs import response_log_probs
+from trainer.backends.torch_backend import model as model_lib
 from trainer.backends.torch_backend.model import forward_logits, load_policy
 from trainer.data_packing import PackedBatch, pack_sequences, pack_shared_prompts
 
 MODEL = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "model"
+
+
+@pytest.fixture(params=["dense-row", "gathered"], autouse=True)
+def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with short rows attended in one masked call, and with the gathered per-length calls that
+    longer rows use."""
+    if request.param == "gathered":
+        monkeypatch.setattr(model_lib, "DENSE_ROW_TOKENS", 0)
+    return request.param
 
 
 @pytest.fixture(scope="module")
