@@ -12,8 +12,15 @@ The limit each transport is measured against, in the same run:
 
 The engine's log-probs are checked against the trainer's after the last push of each transport.
 
+``--load-formats`` compares instead the two wire formats of the ``distributed`` transport: one broadcast per tensor
+(SGLang's default) against one broadcast of each bucket's bytes (``load_format="flattened_bucket"``). This process
+is rank 0 of a gloo group with two built-in engine servers and pushes the quick-start model and a random ~80 MB
+one with a ``DistributedSender`` of each kind, alternating, so both see the same host load; a push is every bucket
+sent and loaded by both engines.
+
     python -m bench.bench_weight_sync --preset cpu-40m
     python -m bench.bench_weight_sync --preset gpu-0.5b    # needs 2 GPUs for the NCCL transport
+    python -m bench.bench_weight_sync --load-formats --pushes 15
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import torch
+
+if TYPE_CHECKING:
+    from trainer.weight_sync.transports import WeightSender
 
 logger = logging.getLogger("bench_weight_sync")
 
@@ -38,6 +49,10 @@ PRESETS = {
     # ~40M parameters (160 MB in fp32): enough to see bandwidth, small enough for a shared CPU host.
     "cpu-40m": dict(
         hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1536, vocab_size=32000
+    ),
+    # ~20M parameters (81 MB in fp32, 50 tensors like the quick-start model): the --load-formats comparison.
+    "cpu-20m": dict(
+        hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1536, vocab_size=16000
     ),
     # Qwen2.5-0.5B's shape (tied 151,936-token embedding) with random weights: ~0.49B parameters.
     "gpu-0.5b": dict(
@@ -130,6 +145,15 @@ def start_engine(
     return proc, url
 
 
+def stop_engine(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def engine_gap(trainer, url: str) -> float:
     """Largest |engine log-prob − trainer log-prob| over a short sampled continuation."""
     from trainer.backends.batch import RolloutBatch
@@ -151,6 +175,102 @@ def engine_gap(trainer, url: str) -> float:
     return max(abs(a - lp) for a, (lp, *_) in zip(ours, out, strict=True))
 
 
+QUICKSTART_MODEL = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "model"
+
+
+def time_pushes(
+    senders: dict[str, WeightSender], named: list[tuple[str, torch.Tensor]], bucket_bytes: int, pushes: int
+) -> dict[str, list[float]]:
+    """Seconds of ``pushes`` full pushes per sender (after one warm-up each), the senders taking turns."""
+    from trainer.weight_sync.transports import plan_buckets
+
+    by_name = dict(named)
+    buckets = plan_buckets([(n, t.numel() * t.element_size()) for n, t in named], bucket_bytes)
+    timings: dict[str, list[float]] = {label: [] for label in senders}
+    for round_ in range(pushes + 1):
+        for label, sender in senders.items():
+            start = time.perf_counter()
+            sender.begin(f"{label}-{round_}")
+            for names in buckets:
+                sender.send([(name, by_name[name]) for name in names])
+            sender.finish()
+            if round_:
+                timings[label].append(time.perf_counter() - start)
+    return timings
+
+
+def compare_load_formats(opts: argparse.Namespace) -> int:
+    """Per-tensor against flattened-bucket broadcasts to two engines, on the quick-start and a random model."""
+    from safetensors.torch import load_file
+
+    from services.core.net import free_port
+    from trainer.weight_sync.engine_client import EngineClient
+    from trainer.weight_sync.transports import FLATTENED_BUCKET, DistributedSender
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench_weight_sync_"))
+    models = {
+        "quick-start": QUICKSTART_MODEL,
+        "random cpu-20m": build_random_model(work / "cpu-20m", PRESETS["cpu-20m"]),
+    }
+    rows = []
+    for model_name, model_dir in models.items():
+        named = sorted(load_file(str(model_dir / "model.safetensors")).items())
+        engines: list[tuple[subprocess.Popen, str]] = []
+        senders: dict[str, DistributedSender] = {}
+        try:
+            for _ in range(2):
+                engines.append(start_engine(model_dir, gpu=None, dtype="float32", threads=1))
+            urls = [url for _, url in engines]
+            for kind, flattened in (("per-tensor", False), ("flattened", True)):
+                senders[kind] = DistributedSender(
+                    [EngineClient(url) for url in urls],
+                    device=torch.device("cpu"),
+                    master_port=free_port(),
+                    flattened_buckets=flattened,
+                )
+                senders[kind].connect()
+            if senders["flattened"].load_format != FLATTENED_BUCKET:
+                raise RuntimeError("the built-in engines do not advertise flattened_bucket")
+            timings = time_pushes(senders, named, opts.bucket_mb << 20, opts.pushes)
+            for url in urls:
+                with EngineClient(url) as engine:
+                    if engine.get_weight_version() != f"flattened-{opts.pushes}":
+                        raise RuntimeError(f"engine {url} does not serve the last push")
+        finally:
+            for sender in senders.values():
+                sender.close()
+            for proc, _ in engines:
+                stop_engine(proc)
+        per_tensor, flattened = (statistics.median(timings[k]) for k in ("per-tensor", "flattened"))
+        rows.append(
+            {
+                "model": model_name,
+                "tensors": len(named),
+                "payload_mb": sum(t.numel() * t.element_size() for _, t in named) / 1e6,
+                "pushes": opts.pushes,
+                "per_tensor_s": per_tensor,
+                "flattened_s": flattened,
+                "speedup": per_tensor / flattened,
+                "timings": timings,
+            }
+        )
+
+    print(f"\ndistributed weight sync (gloo), 2 built-in engines, CPU ({os.cpu_count()} cores)")
+    print(
+        "| model | tensors | payload MB | pushes | per-tensor s (median) | flattened s (median) | per-tensor / flattened |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['tensors']} | {r['payload_mb']:.1f} | {r['pushes']} | {r['per_tensor_s']:.4f} | "
+            f"{r['flattened_s']:.4f} | {r['speedup']:.2f}x |"
+        )
+    if opts.out is not None:
+        opts.out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-40m")
@@ -159,8 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-mb", type=int, default=512, help="--update-weight-buffer-size in MiB")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--load-formats",
+        action="store_true",
+        help="compare per-tensor and flattened-bucket broadcasts (distributed transport, two engines) instead",
+    )
+    parser.add_argument(
+        "--pushes", type=int, default=15, help="timed pushes per load format (--load-formats)"
+    )
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if opts.load_formats:
+        return compare_load_formats(opts)
 
     from services.core.arguments import parse_args
     from trainer.backends.torch_backend import TorchTrainer
@@ -229,12 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
         for proc, _ in engines.values():
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_engine(proc)
 
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     print(f"\nweight sync, preset {opts.preset}, {device}, payload dtype {dtype}")

@@ -32,6 +32,9 @@ from services.rollout_engine.weight_loader import (
     read_checkpoint,
 )
 from services.rollout_engine.weight_transport import (
+    ADVERTISED_LOAD_FORMATS,
+    DISTRIBUTED_LOAD_FORMATS,
+    BucketBuffer,
     deserialize_named_tensors,
     parse_dtype,
     receive_broadcasts,
@@ -152,6 +155,8 @@ class BuiltinEngine:
         self.served_model_name = settings.served_model_name or self.model_path
         self._in_flight: set[str] = set()
         self._weights_lock = asyncio.Lock()
+        # Flattened buckets from /update_weights_from_distributed land here, one request at a time (the lock above).
+        self._bucket_buffer = BucketBuffer()
         self._groups: dict[str, Any] = {}
         metrics.WEIGHT_VERSION.info({"version": self.weight_version})
         logger.info(
@@ -203,6 +208,7 @@ class BuiltinEngine:
             "random_seed": self.settings.random_seed,
             "rl_on_policy_target": self.settings.rl_on_policy_target,
             "weight_version": self.weight_version,
+            "weight_update_load_formats": list(ADVERTISED_LOAD_FORMATS),
             "skip_tokenizer_init": False,
             "architecture": cfg.architecture,
             "max_total_num_tokens": self.limits.max_running_requests * self.limits.context_length,
@@ -431,11 +437,21 @@ class BuiltinEngine:
         shapes: list[list[int]],
         group_name: str,
         version: str | None,
+        load_format: str | None = None,
     ) -> int:
+        if load_format not in DISTRIBUTED_LOAD_FORMATS:
+            raise WeightUpdateError(
+                f"load_format {load_format!r} is not supported for distributed updates; use null (one broadcast "
+                "per tensor) or 'flattened_bucket' (one broadcast of the request's tensors' bytes)",
+                field="load_format",
+            )
         if not len(names) == len(dtypes) == len(shapes):
             raise WeightUpdateError(
                 f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length"
             )
+        negative = [name for name, shape in zip(names, shapes, strict=True) if any(d < 0 for d in shape)]
+        if negative:
+            raise WeightUpdateError(f"negative dimensions in the shapes of {negative[:5]}", field="shapes")
         group = self._groups.get(group_name)
         if group is None:
             raise WeightUpdateError(
@@ -456,7 +472,9 @@ class BuiltinEngine:
             except WeightUpdateError as exc:
                 problem = exc
             # The sender broadcasts regardless; receive everything so the group stays in step, then decide.
-            tensors = await asyncio.to_thread(receive_broadcasts, group, shapes, torch_dtypes, device)
+            tensors = await asyncio.to_thread(
+                receive_broadcasts, group, shapes, torch_dtypes, device, load_format, self._bucket_buffer
+            )
             if problem is not None:
                 metrics.WEIGHT_UPDATES.labels("distributed", "rejected").inc()
                 raise problem

@@ -346,7 +346,7 @@ async def update_weights_from_distributed(
 ) -> JSONResponse:
     engine = engine_of(request)
     work = engine.update_from_distributed(
-        body.names, body.dtypes, body.shapes, body.group_name, body.weight_version
+        body.names, body.dtypes, body.shapes, body.group_name, body.weight_version, body.load_format
     )
     return await _weight_update(request, body, "distributed", work)
 

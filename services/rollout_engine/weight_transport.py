@@ -5,6 +5,9 @@ Tensor payloads are SGLang's: base64 of a ``ForkingPickler`` dump of either ``[(
 unset) or a ``flattened_bucket`` dict ``{"flattened_tensor", "metadata": [FlattenedTensorMetadata]}``. They are
 unpickled with an allow-list of torch's rebuild functions, so a request cannot run arbitrary code. CPU tensors
 must be shared with the ``file_system`` strategy (a path an unrelated process can open).
+
+Broadcasts come one per tensor (load format unset) or, with ``flattened_bucket``, as one uint8 tensor per request:
+every tensor's bytes, concatenated in the order of ``names`` (SGLang's ``FlattenedTensorBucket``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import base64
 import contextlib
 import io
 import logging
+import math
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +31,13 @@ from services.rollout_engine.weight_loader import WeightUpdateError
 
 logger = logging.getLogger(__name__)
 
-LOAD_FORMATS = (None, "auto", "flattened_bucket")
+FLATTENED_BUCKET = "flattened_bucket"
+LOAD_FORMATS = (None, "auto", FLATTENED_BUCKET)
+# What ``/update_weights_from_distributed`` accepts as ``load_format``: None is one broadcast per tensor.
+DISTRIBUTED_LOAD_FORMATS = (None, FLATTENED_BUCKET)
+# Advertised in ``/get_server_info`` (``weight_update_load_formats``): both update endpoints take SGLang's
+# flattened buckets, so a trainer can send them knowing this engine reads them.
+ADVERTISED_LOAD_FORMATS = (FLATTENED_BUCKET,)
 
 
 @dataclass
@@ -158,6 +168,9 @@ def _unflatten(obj: Any) -> list[tuple[str, torch.Tensor]]:
         ):
             raise WeightUpdateError(f"bad bucket metadata {meta!r}", field="serialized_named_tensors")
         piece = flat[meta.start_idx : meta.end_idx]
+        if piece.dtype == torch.uint8 and meta.dtype != torch.uint8:
+            # SGLang's current buckets are raw bytes (uint8, indices in bytes) holding tensors of any dtype.
+            piece = _view_bytes_as(piece, meta.dtype, field="serialized_named_tensors")
         if piece.numel() != torch.Size(meta.shape).numel():
             raise WeightUpdateError(
                 f"bucket entry {meta.name}: {piece.numel()} elements for shape {list(meta.shape)}",
@@ -165,6 +178,29 @@ def _unflatten(obj: Any) -> list[tuple[str, torch.Tensor]]:
             )
         out.append((meta.name, piece.view(meta.shape)))
     return out
+
+
+def _view_bytes_as(piece: torch.Tensor, dtype: torch.dtype, *, field: str) -> torch.Tensor:
+    """A uint8 slice read as ``dtype``: a view when it starts on a multiple of the itemsize, else a copy (a bucket
+    packs tensors back to back, so an odd-sized bf16 tensor leaves the next fp32 one misaligned)."""
+    if piece.numel() % dtype.itemsize:
+        raise WeightUpdateError(f"{piece.numel()} bytes cannot be read as {dtype}", field=field)
+    if piece.storage_offset() % dtype.itemsize:
+        piece = piece.clone()
+    return piece.view(dtype)
+
+
+def tensors_from_bytes(
+    flat: torch.Tensor, shapes: list[list[int]], dtypes: list[torch.dtype]
+) -> list[torch.Tensor]:
+    """Split a flattened bucket's bytes back into its tensors, in order (views of ``flat`` where aligned)."""
+    tensors, offset = [], 0
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        size = math.prod(shape) * dtype.itemsize
+        piece = _view_bytes_as(flat[offset : offset + size], dtype, field="shapes")
+        tensors.append(piece.view(shape))
+        offset += size
+    return tensors
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -175,15 +211,47 @@ def parse_dtype(name: str) -> torch.dtype:
     return value
 
 
+class BucketBuffer:
+    """Where flattened buckets are received. Host memory is kept across requests (one request at a time): a fresh
+    buffer of a bucket's size comes straight from mmap and is page-faulted in on every update, which costs more
+    than receiving it. On a GPU, torch's caching allocator already reuses freed memory."""
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None
+
+    def take(self, size: int, device: torch.device) -> torch.Tensor:
+        """``size`` bytes on ``device``, valid until the next call."""
+        if device.type != "cpu":
+            return torch.empty(size, dtype=torch.uint8, device=device)
+        if self._host is None or self._host.numel() < size:
+            self._host = None  # freed before the larger one is allocated
+            self._host = torch.empty(size, dtype=torch.uint8)
+        return self._host[:size]
+
+
 def receive_broadcasts(
-    group: dist.ProcessGroup, shapes: list[list[int]], dtypes: list[torch.dtype], device: torch.device
+    group: dist.ProcessGroup,
+    shapes: list[list[int]],
+    dtypes: list[torch.dtype],
+    device: torch.device,
+    load_format: str | None = None,
+    bucket_buffer: BucketBuffer | None = None,
 ) -> list[torch.Tensor]:
-    """Receive one broadcast from rank 0 per (shape, dtype), in order, into fresh buffers."""
-    tensors = [
-        torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(shapes, dtypes, strict=True)
-    ]
-    for tensor in tensors:
-        dist.broadcast(tensor, src=0, group=group)
+    """Receive the tensors of one request from rank 0: one broadcast per (shape, dtype), in order, into fresh
+    tensors, or with ``flattened_bucket`` a single broadcast of all their bytes (into ``bucket_buffer`` if given;
+    the tensors returned are then views of it)."""
+    if load_format == FLATTENED_BUCKET:
+        size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes, strict=True))
+        flat = (bucket_buffer or BucketBuffer()).take(size, device)
+        dist.broadcast(flat, src=0, group=group)
+        tensors = tensors_from_bytes(flat, shapes, dtypes)
+    else:
+        tensors = [
+            torch.empty(shape, dtype=dtype, device=device)
+            for shape, dtype in zip(shapes, dtypes, strict=True)
+        ]
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0, group=group)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return tensors

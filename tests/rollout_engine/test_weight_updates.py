@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import pickle
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,12 +13,16 @@ import httpx
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from services.core.net import free_port
 from services.core.process_group import init_weight_update_group
 from services.core.tiny_model import build_tiny_model
-from services.rollout_engine.weight_transport import flatten_bucket, serialize
+from services.rollout_engine.weight_transport import (
+    FlattenedTensorMetadata,
+    flatten_bucket,
+    serialize,
+)
 
 PROMPTS = [[5, 17, 99, 230], [41, 8]]
 
@@ -220,3 +225,136 @@ def test_update_from_distributed_broadcast(
             json={"names": ["x"], "dtypes": ["float32"], "shapes": [[1]], "group_name": group_name},
         )
         assert unknown.status_code == 400 and unknown.json()["field"] == "group_name"
+
+
+def _with_bf16(weights: dict[str, torch.Tensor], model_dir: Path, out: Path) -> tuple[dict, Path]:
+    """``weights`` with every MLP tensor in bfloat16 (what a sender pushes) and a copy of ``model_dir`` holding the
+    same values in float32 (what the engine must then serve, loaded from disk as a reference)."""
+    sent = {n: t.to(torch.bfloat16) if ".mlp." in n else t for n, t in weights.items()}
+    reference = shutil.copytree(model_dir, out)
+    save_file({n: t.float().contiguous() for n, t in sent.items()}, str(reference / "model.safetensors"))
+    return sent, reference
+
+
+def _flushed_outputs(client: httpx.Client) -> list[dict]:
+    """``_outputs`` from an empty KV cache (as after a weight sync): the answers depend on the weights alone."""
+    assert client.get("/flush_cache").status_code == 200
+    return _outputs(client)
+
+
+def _reference_outputs(client: httpx.Client, reference: Path) -> list[dict]:
+    loaded = client.post("/update_weights_from_disk", json={"model_path": str(reference)})
+    assert loaded.status_code == 200, loaded.text
+    return _flushed_outputs(client)
+
+
+def _byte_bucket(named: list[tuple[str, torch.Tensor]]) -> dict:
+    """SGLang's current ``flattened_bucket``: one uint8 tensor of every tensor's bytes, indices in bytes."""
+    flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in named])
+    metadata, offset = [], 0
+    for name, tensor in named:
+        size = tensor.numel() * tensor.element_size()
+        metadata.append(
+            FlattenedTensorMetadata(name, tensor.shape, tensor.dtype, offset, offset + size, size)
+        )
+        offset += size
+    return {"flattened_tensor": flat, "metadata": metadata}
+
+
+def test_update_from_tensor_byte_bucket_of_mixed_dtypes(
+    updatable, weights, other_model_dir, tmp_path
+) -> None:
+    sent, reference = _with_bf16(weights["b"], other_model_dir, tmp_path / "reference")
+    with updatable.client() as client:
+        response = client.post(
+            "/update_weights_from_tensor",
+            json={
+                "serialized_named_tensors": [serialize(_byte_bucket(sorted(sent.items())))],
+                "load_format": "flattened_bucket",
+            },
+        )
+        assert response.status_code == 200 and response.json()["success"], response.text
+        pushed = _flushed_outputs(client)
+        assert _same(pushed, _reference_outputs(client, reference))
+
+
+def test_update_from_distributed_flattened_buckets(updatable, weights, other_model_dir, tmp_path) -> None:
+    sent, reference = _with_bf16(weights["b"], other_model_dir, tmp_path / "reference")
+    named = sorted(sent.items())
+    # Three requests, each one broadcast; MLP (bf16) and attention/norm (fp32) tensors share buckets.
+    buckets = [named[i::3] for i in range(3)]
+    assert all(len({t.dtype for _, t in bucket}) == 2 for bucket in buckets)
+    port = free_port()
+    group_name = "test-flattened"
+    with updatable.client(timeout=120) as client, ThreadPoolExecutor(max_workers=1) as pool:
+        info = client.get("/get_server_info").json()
+        assert info["weight_update_load_formats"] == ["flattened_bucket"]
+        joined = pool.submit(
+            client.post,
+            "/init_weights_update_group",
+            json={
+                "master_address": "127.0.0.1",
+                "master_port": port,
+                "rank_offset": 1,
+                "world_size": 2,
+                "group_name": group_name,
+                "backend": "gloo",
+            },
+        )
+        group = init_weight_update_group(
+            master_address="127.0.0.1",
+            master_port=port,
+            rank=0,
+            world_size=2,
+            group_name=group_name,
+            backend="gloo",
+            timeout_s=60,
+        )
+        assert joined.result().json()["success"] is True
+
+        def request(bucket: list[tuple[str, torch.Tensor]], version: str, load_format: str) -> dict:
+            return {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": group_name,
+                "weight_version": version,
+                "load_format": load_format,
+            }
+
+        def push(bucket: list[tuple[str, torch.Tensor]], version: str) -> httpx.Response:
+            answer = pool.submit(
+                client.post,
+                "/update_weights_from_distributed",
+                json=request(bucket, version, "flattened_bucket"),
+            )
+            dist.broadcast(_byte_bucket(bucket)["flattened_tensor"], src=0, group=group)
+            return answer.result()
+
+        try:
+            for i, bucket in enumerate(buckets):
+                response = push(bucket, f"flat-{i}")
+                assert response.status_code == 200 and response.json()["success"], response.text
+            assert client.get("/get_weight_version").json()["weight_version"] == "flat-2"
+
+            # Shapes the model does not have: the bucket is still received whole, then the update is refused.
+            bad = [(n, torch.zeros(t.shape[0] + 1, *t.shape[1:], dtype=t.dtype)) for n, t in buckets[0][:2]]
+            refused = push(bad, "flat-bad")
+            assert refused.status_code == 400 and "wrong shapes" in refused.json()["message"], refused.text
+            # An unknown load format is refused before any broadcast is expected.
+            refused = client.post(
+                "/update_weights_from_distributed", json=request(buckets[0], "bad", "safetensors")
+            )
+            body = refused.json()
+            assert refused.status_code == 400 and body["field"] == "load_format", refused.text
+            assert "flattened_bucket" in body["message"] and body["weight_version"] == "flat-2"
+            # The group is still in step: the same weights again are taken.
+            again = push(buckets[0], "flat-3")
+            assert again.status_code == 200 and again.json()["weight_version"] == "flat-3", again.text
+            pushed = _flushed_outputs(client)
+        finally:
+            assert client.post("/destroy_weights_update_group", json={"group_name": group_name}).json()[
+                "success"
+            ]
+            dist.destroy_process_group(group)
+        assert _same(pushed, _reference_outputs(client, reference))

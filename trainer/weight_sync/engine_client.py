@@ -95,6 +95,16 @@ class EngineClient:
     def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
         self._request("POST", "/resume_memory_occupation", {"tags": tags})
 
+    def get_server_info(self) -> dict[str, Any]:
+        """SGLang's ``/get_server_info``: server arguments and state; the built-in engine adds
+        ``weight_update_load_formats`` (the ``load_format`` values its update endpoints take)."""
+        body = self._request("GET", "/get_server_info")
+        if not isinstance(body, dict):
+            raise EngineError(
+                self.base_url, f"GET /get_server_info answered {str(body)[:200]!r}, not an object"
+            )
+        return body
+
     def get_weight_version(self) -> str | None:
         """The version the engine serves (SGLang answers ``{"weight_version": ...}``), None if it has none."""
         body = self._request("GET", "/get_weight_version")
@@ -171,20 +181,22 @@ class EngineClient:
         shapes: list[list[int]],
         group_name: str,
         weight_version: str,
+        load_format: str | None = None,
         flush_cache: bool = False,
     ) -> Any:
-        return self._request(
-            "POST",
-            "/update_weights_from_distributed",
-            {
-                "names": names,
-                "dtypes": dtypes,
-                "shapes": shapes,
-                "group_name": group_name,
-                "flush_cache": flush_cache,
-                "weight_version": weight_version,
-            },
-        )
+        """``load_format="flattened_bucket"``: the tensors arrive as one broadcast of their bytes, not one each."""
+        payload = {
+            "names": names,
+            "dtypes": dtypes,
+            "shapes": shapes,
+            "group_name": group_name,
+            "flush_cache": flush_cache,
+            "weight_version": weight_version,
+        }
+        if load_format is not None:
+            # Only when set: the per-tensor request stays as it was (older SGLang versions have no such field).
+            payload["load_format"] = load_format
+        return self._request("POST", "/update_weights_from_distributed", payload)
 
     def destroy_weights_update_group(self, group_name: str) -> Any:
         return self._request("POST", "/destroy_weights_update_group", {"group_name": group_name})

@@ -3,7 +3,8 @@ the order every rank produces them, and makes the matching SGLang requests.
 
 - ``DistributedSender``: the trainer's rank 0 and every engine rank form one torch.distributed group (SGLang's
   ``/init_weights_update_group``: trainer rank 0, engine i at ranks ``1 + i·tp …``); per bucket it posts
-  ``/update_weights_from_distributed`` (names, dtypes, shapes) and broadcasts each tensor from rank 0.
+  ``/update_weights_from_distributed`` (names, dtypes, shapes) and broadcasts from rank 0 the bucket's bytes as one
+  uint8 tensor (``load_format="flattened_bucket"``) when every engine advertises that format, else each tensor.
 - ``TensorSender``: colocated engines map the trainer's memory: each bucket is copied into one buffer per dtype
   (shared memory on CPU, a CUDA allocation on GPU), pickled as named views (file-backed shared-memory handles or
   CUDA IPC handles) and posted to ``/update_weights_from_tensor``.
@@ -37,6 +38,8 @@ from trainer.weight_sync.engine_client import EngineClient
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("distributed", "tensor", "disk")
+# SGLang's load format for one broadcast per bucket; engines that take it list it in their server info.
+FLATTENED_BUCKET = "flattened_bucket"
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -105,6 +108,27 @@ def local_address_towards(url: str) -> str:
         return probe.getsockname()[0]
 
 
+def distributed_load_format(server_infos: Sequence[dict[str, Any]]) -> str | None:
+    """The ``load_format`` a push to all these engines can use: ``flattened_bucket`` when every engine's
+    ``/get_server_info`` lists it in ``weight_update_load_formats``, else None (one broadcast per tensor, which
+    every SGLang version reads)."""
+    if server_infos and all(
+        FLATTENED_BUCKET in (info.get("weight_update_load_formats") or ()) for info in server_infos
+    ):
+        return FLATTENED_BUCKET
+    return None
+
+
+def flatten_to_bytes(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """One uint8 tensor holding every tensor's bytes back to back, in order, on their device (SGLang's
+    ``FlattenedTensorBucket`` layout: any mix of dtypes, no padding); written into the front of ``out`` when given
+    (a 1-D uint8 tensor at least that large)."""
+    parts = [t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors]
+    if out is None:
+        return torch.cat(parts)
+    return torch.cat(parts, out=out[: sum(part.numel() for part in parts)])
+
+
 class DistributedSender(WeightSender):
     """Broadcast from the trainer's rank 0 to every engine over a dedicated process group."""
 
@@ -118,22 +142,33 @@ class DistributedSender(WeightSender):
         gpus_per_engine: int = 1,
         master_port: int,
         timeout_s: float = 600.0,
+        flattened_buckets: bool = True,
     ) -> None:
+        """``flattened_buckets=False`` keeps one broadcast per tensor even where the engines take flattened ones."""
         super().__init__(engines)
         self.device = device
         self.backend = "nccl" if device.type == "cuda" else "gloo"
         self.gpus_per_engine = gpus_per_engine
         self.master_port = master_port
         self.timeout_s = timeout_s
+        self.flattened_buckets = flattened_buckets
         self.group_name = f"slime_weights_{uuid.uuid4().hex[:8]}"
         self.group: dist.ProcessGroup | None = None
+        # Chosen in connect(), from what every engine advertises.
+        self.load_format: str | None = None
+        # Host memory a flattened bucket is packed into, kept across buckets and pushes: a fresh buffer of that
+        # size comes straight from mmap and is page-faulted in on every push (several times the cost of the copy
+        # itself). On a GPU the caching allocator already reuses freed memory.
+        self._host_buffer: torch.Tensor | None = None
 
     def connect(self) -> None:
-        """Create the group: every engine joins from its ``/init_weights_update_group`` handler while rank 0 joins
-        here; the HTTP calls return once the group exists."""
+        """Pick the load format, then create the group: every engine joins from its ``/init_weights_update_group``
+        handler while rank 0 joins here; the HTTP calls return once the group exists."""
         world_size = 1 + len(self.engines) * self.gpus_per_engine
         master_address = local_address_towards(self.engines[0].base_url)
         with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
+            if self.flattened_buckets:
+                self.load_format = distributed_load_format(_wait(self._on_all(pool, "get_server_info")))
             futures = [
                 pool.submit(
                     engine.init_weights_update_group,
@@ -158,19 +193,28 @@ class DistributedSender(WeightSender):
                 )
             finally:
                 _wait(futures)
+        if self.load_format == FLATTENED_BUCKET:
+            how = "one broadcast per bucket (load_format flattened_bucket)"
+        elif self.flattened_buckets:
+            how = "one broadcast per tensor (not every engine advertises flattened_bucket)"
+        else:
+            how = "one broadcast per tensor (flattened buckets turned off)"
         logger.info(
-            "weight-update group %s (%s, %d ranks) at %s:%d",
+            "weight-update group %s (%s, %d ranks) at %s:%d: %s",
             self.group_name,
             self.backend,
             world_size,
             master_address,
             self.master_port,
+            how,
         )
 
     def send(self, bucket: NamedTensors) -> None:
         if self.group is None:
             self.connect()
         tensors = [t.to(self.device, non_blocking=True).contiguous() for _, t in bucket]
+        # Packed on the sender's device (the GPU under NCCL): one copy, then one broadcast instead of one per tensor.
+        payload = [self._flatten(tensors)] if self.load_format == FLATTENED_BUCKET else tensors
         with ThreadPoolExecutor(max_workers=len(self.engines)) as pool:
             futures = self._on_all(
                 pool,
@@ -180,16 +224,27 @@ class DistributedSender(WeightSender):
                 shapes=[list(t.shape) for t in tensors],
                 group_name=self.group_name,
                 weight_version=self.version,
+                load_format=self.load_format,
             )
             try:
-                handles = [dist.broadcast(t, src=0, group=self.group, async_op=True) for t in tensors]
+                handles = [dist.broadcast(t, src=0, group=self.group, async_op=True) for t in payload]
                 for handle in handles:
                     handle.wait()
             finally:
                 _wait(futures)
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
 
+    def _flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.device.type != "cpu":
+            return flatten_to_bytes(tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self._host_buffer is None or self._host_buffer.numel() < size:
+            self._host_buffer = torch.empty(size, dtype=torch.uint8)
+        # Rewritten only by the next bucket: send() returns after its broadcast has completed.
+        return flatten_to_bytes(tensors, out=self._host_buffer)
+
     def close(self) -> None:
+        self._host_buffer = None
         if self.group is not None:
             # Both sides at once, as the group was made: NCCL's teardown waits for its peers, so destroying ours
             # only after every engine answered (or the reverse) deadlocks.
