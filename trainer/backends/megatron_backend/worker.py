@@ -741,7 +741,7 @@ class MegatronTrainWorker(TrainWorker):
         if sender is not None:
             sender.begin(request.version)
         pending: list[tuple[str, torch.Tensor]] = []
-        with self._weights_on_device():
+        with self._weights_on_device(), self._push_guard(sender):
             for mg_name, tensor in mg_model.iter_full_megatron_params(
                 self.model, self.shape, self.param_plan
             ):

@@ -51,7 +51,9 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     total = query.shape[2]
     if total <= DENSE_ROW_TOKENS and len(packed_segments) > 1:
-        return sdpa_attention_forward(module, query, key, value, _row_mask(packed_segments, query.device), **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, _row_mask(packed_segments, query.device), **kwargs
+        )
     plan = _attention_plan(packed_segments, query.device)
     if plan.whole_row:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)

@@ -867,13 +867,31 @@ class TrainWorker:
             tensor = params[name].detach()
             return model_lib.full_tensor(tensor.to(self.device) if staged else tensor)
 
-        for names in buckets:
-            bucket = [(name, full(name)) for name in names]
-            if dtype is not None:
-                bucket = [(name, tensor.to(dtype)) for name, tensor in bucket]
-            if sender is not None:
-                sender.send(bucket)
+        with self._push_guard(sender):
+            for names in buckets:
+                bucket = [(name, full(name)) for name in names]
+                if dtype is not None:
+                    bucket = [(name, tensor.to(dtype)) for name, tensor in bucket]
+                if sender is not None:
+                    sender.send(bucket)
         return self._finish_push(request, sender, start, len(buckets))
+
+    @contextlib.contextmanager
+    def _push_guard(self, sender: WeightSender | None) -> Iterator[None]:
+        """A push that fails (an engine died or refused) closes its sender at once: the engines still receiving
+        from its group get an error now, instead of waiting out the group's timeout in a broadcast that will
+        never finish, and the next push builds a new sender (and group)."""
+        try:
+            yield
+        except BaseException:
+            if sender is not None:
+                for key in [k for k, v in self.senders.items() if v is sender]:
+                    del self.senders[key]
+                try:
+                    sender.close()
+                except Exception as exc:  # noqa: BLE001 - the push's own error is the one to raise
+                    logger.warning("closing the weight sender after a failed push: %s", exc)
+            raise
 
     def _push_barrier(self) -> None:
         """Every rank of the push waits for the others (all ranks, whatever their model-parallel groups)."""
