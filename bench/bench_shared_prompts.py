@@ -53,7 +53,10 @@ def main() -> int:
                 responses.append(r)
                 rewards.append(float(rng.random() < 0.5))
         batch = RolloutBatch(
-            tokens=tokens, response_lengths=responses, rewards=rewards, loss_masks=[[1] * r for r in responses]
+            tokens=tokens,
+            response_lengths=responses,
+            rewards=rewards,
+            loss_masks=[[1] * r for r in responses],
         )
         batch.rollout_log_probs = [[-1.0] * r for r in responses]
         return batch
@@ -82,7 +85,9 @@ def main() -> int:
     for tr in runs.values():
         tr.close()
     tokens = sum(len(t) for t in rollout(0).tokens)
-    print(f"{samples} samples, {tokens} tokens per step, {opts.threads} thread(s), CPU seconds per training step:")
+    print(
+        f"{samples} samples, {tokens} tokens per step, {opts.threads} thread(s), CPU seconds per training step:"
+    )
     for name, values in seconds.items():
         print(f"  {name:28} median {statistics.median(values):.3f}  best {min(values):.3f}")
     base, shared = (statistics.median(v) for v in seconds.values())
