@@ -29,6 +29,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="needs megatron-core"),
 ]
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+four_gpus = pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs four GPUs")
 
 ROOT = Path(__file__).resolve().parents[3]
 STEP = (
@@ -447,10 +448,27 @@ LAYOUTS = {
 }
 
 
+# Four-GPU layouts: tensor and pipeline parallelism together, data parallelism over pipelines, four stages.
+FOUR_GPU_LAYOUTS = {
+    "tp2_pp2": ("model_dir", (), ("--tensor-model-parallel-size", "2", *PP2)),
+    "dp2_pp2": ("model_dir", (), PP2),
+    "pp4": ("deep_dir", (), ("--pipeline-model-parallel-size", "4")),
+}
+
+
 @two_gpus
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_two_gpus_give_the_loss_of_one(request, layout):
-    fixture, common, parallel = LAYOUTS[layout]
+    _compare_with_one_gpu(request, layout, *LAYOUTS[layout], gpus=2)
+
+
+@four_gpus
+@pytest.mark.parametrize("layout", sorted(FOUR_GPU_LAYOUTS))
+def test_four_gpus_give_the_loss_of_one(request, layout):
+    _compare_with_one_gpu(request, layout, *FOUR_GPU_LAYOUTS[layout], gpus=4)
+
+
+def _compare_with_one_gpu(request, layout, fixture, common, parallel, *, gpus):
     model = request.getfixturevalue(fixture)
     # Odd sequence lengths: under sequence parallelism some packed rows need padding.
     batch = random_batch(8, seed=7, prompt=(4, 12), response=(4, 12))
@@ -458,7 +476,7 @@ def test_two_gpus_give_the_loss_of_one(request, layout):
         one_lp = _flat(single.compute_log_probs(batch))
         one_result = single.train_step(batch, rollout_id=0)
         one_sum = single.parameter_checksum()
-    with _megatron(model, *common, "--actor-num-gpus-per-node", "2", *parallel) as double:
+    with _megatron(model, *common, "--actor-num-gpus-per-node", str(gpus), *parallel) as double:
         two_lp = _flat(double.compute_log_probs(batch))
         two_result = double.train_step(batch, rollout_id=0)
         two_sum = double.parameter_checksum()
