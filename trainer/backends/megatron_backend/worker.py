@@ -30,7 +30,6 @@ import torch.distributed as dist
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig
 from trainer.algorithms.loss import LossConfig
-from trainer.algorithms.reduction import normalizer
 from trainer.algorithms.tis import load_tis_function
 from trainer.backends.batch import RolloutBatch
 from trainer.backends.megatron_backend import convert, torch_format
@@ -461,12 +460,7 @@ class MegatronTrainWorker(TrainWorker):
         micro-batch's loss and the step's metrics, which every stage then returns."""
         if self.pp_size == 1:
             return super()._accumulate_gradients(local, micro_batches)
-        per_token = self.loss_config.per_token
-        step_positions = [i for mb in micro_batches for i in mb]
-        denominator = self._all_reduce(
-            [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
-        )[0]
-        denominator = max(denominator, 1.0)
+        denominator = self._step_denominator(local, micro_batches)
         # The data-parallel gradient reduction averages over ranks; the world size undoes that.
         scale = self.world_size / denominator
         sums: dict[str, float] = {}
@@ -478,11 +472,7 @@ class MegatronTrainWorker(TrainWorker):
             return loss * scale
 
         self._run_pipeline(local, micro_batches, step, forward_only=False)
-        metrics = {}
-        if self.last_stage:
-            keys = sorted(sums)
-            totals = self._all_reduce([sums[k] for k in keys])
-            metrics = {k: v / denominator for k, v in zip(keys, totals, strict=True)}
+        metrics = self._step_means(sums, denominator) if self.last_stage else {}
         return self._metrics_from_last_stage(metrics)
 
     def _train_step(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:

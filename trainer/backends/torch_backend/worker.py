@@ -591,12 +591,7 @@ class TrainWorker:
     def _accumulate_gradients(self, local: LocalRollout, micro_batches: list[list[int]]) -> dict[str, float]:
         """Forward and backward of every micro-batch of one optimizer step, the loss normalised over the whole step
         on every data-parallel rank; returns the step's loss metrics, averaged the same way."""
-        per_token = self.loss_config.per_token
-        step_positions = [i for mb in micro_batches for i in mb]
-        denominator = self._all_reduce(
-            [normalizer([local.loss_masks[i] for i in step_positions], per_token=per_token)]
-        )[0]
-        denominator = max(denominator, 1.0)
+        denominator = self._step_denominator(local, micro_batches)
         # The data-parallel gradient reduction averages over ranks; the world size undoes that.
         scale = self.world_size / denominator
         sums: dict[str, float] = {}
@@ -606,6 +601,16 @@ class TrainWorker:
             (loss * scale).backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
+        return self._step_means(sums, denominator)
+
+    def _step_denominator(self, local: LocalRollout, micro_batches: list[list[int]]) -> float:
+        """What a step's summed losses are divided by: its sample (or masked-token) count over every rank."""
+        masks = [local.loss_masks[i] for mb in micro_batches for i in mb]
+        total = self._all_reduce([normalizer(masks, per_token=self.loss_config.per_token)])[0]
+        return max(total, 1.0)
+
+    def _step_means(self, sums: dict[str, float], denominator: float) -> dict[str, float]:
+        """The step's metrics: each micro-batch sum, totalled over the ranks, over the step's denominator."""
         keys = sorted(sums)
         totals = self._all_reduce([sums[k] for k in keys])
         return {k: v / denominator for k, v in zip(keys, totals, strict=True)}
