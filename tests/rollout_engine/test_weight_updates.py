@@ -150,34 +150,40 @@ def test_update_from_tensor_flattened_bucket_and_named_list(
         assert _same(_outputs(client), served)
 
 
+def _join_weight_group(client: httpx.Client, pool: ThreadPoolExecutor, port: int, group_name: str):
+    """A two-rank gloo weight-update group: this process is rank 0, the engine joins from its handler."""
+    joined = pool.submit(
+        client.post,
+        "/init_weights_update_group",
+        json={
+            "master_address": "127.0.0.1",
+            "master_port": port,
+            "rank_offset": 1,
+            "world_size": 2,
+            "group_name": group_name,
+            "backend": "gloo",
+        },
+    )
+    group = init_weight_update_group(
+        master_address="127.0.0.1",
+        master_port=port,
+        rank=0,
+        world_size=2,
+        group_name=group_name,
+        backend="gloo",
+        timeout_s=60,
+    )
+    assert joined.result().json()["success"] is True
+    return group
+
+
 def test_update_from_distributed_broadcast(
     updatable, models, weights, greedy_reference, teacher_forced
 ) -> None:
     port = free_port()
     group_name = "test-weights"
     with updatable.client(timeout=120) as client, ThreadPoolExecutor(max_workers=1) as pool:
-        joined = pool.submit(
-            client.post,
-            "/init_weights_update_group",
-            json={
-                "master_address": "127.0.0.1",
-                "master_port": port,
-                "rank_offset": 1,
-                "world_size": 2,
-                "group_name": group_name,
-                "backend": "gloo",
-            },
-        )
-        group = init_weight_update_group(
-            master_address="127.0.0.1",
-            master_port=port,
-            rank=0,
-            world_size=2,
-            group_name=group_name,
-            backend="gloo",
-            timeout_s=60,
-        )
-        assert joined.result().json()["success"] is True
+        group = _join_weight_group(client, pool, port, group_name)
         try:
 
             def push(
@@ -289,28 +295,7 @@ def test_update_from_distributed_flattened_buckets(updatable, weights, other_mod
     with updatable.client(timeout=120) as client, ThreadPoolExecutor(max_workers=1) as pool:
         info = client.get("/get_server_info").json()
         assert info["weight_update_load_formats"] == ["flattened_bucket"]
-        joined = pool.submit(
-            client.post,
-            "/init_weights_update_group",
-            json={
-                "master_address": "127.0.0.1",
-                "master_port": port,
-                "rank_offset": 1,
-                "world_size": 2,
-                "group_name": group_name,
-                "backend": "gloo",
-            },
-        )
-        group = init_weight_update_group(
-            master_address="127.0.0.1",
-            master_port=port,
-            rank=0,
-            world_size=2,
-            group_name=group_name,
-            backend="gloo",
-            timeout_s=60,
-        )
-        assert joined.result().json()["success"] is True
+        group = _join_weight_group(client, pool, port, group_name)
 
         def request(bucket: list[tuple[str, torch.Tensor]], version: str, load_format: str) -> dict:
             return {
