@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from services.core.tiny_model import build_tiny_model, default_corpus
+from tests.engine_servers import engine_process
 from tests.trainer.helpers import random_batch, trainer_args
 from trainer import checkpoint
 from trainer.backends.torch_backend import TorchTrainer
@@ -502,33 +503,12 @@ def _compare_with_one_gpu(request, layout, fixture, common, parallel, *, gpus):
 
 
 @contextlib.contextmanager
-def _cpu_engine(model_dir: Path) -> Iterator[str]:
+def _cpu_engine(model_dir: Path, log_dir: Path) -> Iterator[str]:
     """A built-in rollout engine on CPU on loopback, serving ``model_dir``; yields its base URL."""
-    from services.core.net import free_port, wait_http_ok
-
-    port = free_port()
-    argv = [sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(model_dir)]
-    argv += [
-        "--port",
-        str(port),
-        "--num-threads",
-        "2",
-        "--engine-backend",
-        "builtin",
-        "--engine-device",
-        "cpu",
-    ]
-    proc = subprocess.Popen(argv, cwd=ROOT)
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with engine_process(
+        model_dir, log_dir, "--num-threads", "2", "--engine-backend", "builtin", "--engine-device", "cpu"
+    ) as engine:
+        yield engine.url
 
 
 def _engine_gap(trainer, engine_url: str) -> float:
@@ -548,7 +528,7 @@ def test_pipeline_stages_export_resume_and_push_the_whole_model(model_dir, tmp_p
         "--save", str(tmp_path / "ckpt"), "--load", str(tmp_path / "ckpt"),
     )  # fmt: skip
     first, second = random_batch(8, seed=5), random_batch(8, seed=6)
-    with _cpu_engine(model_dir) as engine_url:
+    with _cpu_engine(model_dir, tmp_path) as engine_url:
         with _megatron(model_dir, *flags) as trainer:
             assert trainer.load() is None
             exported = _state(trainer, tmp_path / "export")

@@ -4,11 +4,8 @@ either way the engines end up serving exactly the pushed weights."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.core.net import free_port, wait_http_ok
+from services.core.net import free_port
 from services.rollout_engine.weight_transport import tensors_from_bytes
+from tests.engine_servers import engine_process
 from trainer.weight_sync.engine_client import EngineClient
 from trainer.weight_sync.transports import (
     DistributedSender,
@@ -30,27 +28,11 @@ from trainer.weight_sync.transports import (
 PROMPTS = ([5, 17, 33, 2, 9], [100, 4, 8, 61])
 
 
-@contextlib.contextmanager
-def _engine(model_dir: Path) -> Iterator[str]:
-    port = free_port()
-    argv = [sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(model_dir)]
-    proc = subprocess.Popen([*argv, "--port", str(port), "--num-threads", "1", "--engine-backend", "builtin"])
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
-def engine_urls(tiny_model_dir) -> Iterator[list[str]]:
-    with _engine(tiny_model_dir) as first, _engine(tiny_model_dir) as second:
-        yield [first, second]
+def engine_urls(tiny_model_dir, tmp_path_factory) -> Iterator[list[str]]:
+    logs = tmp_path_factory.mktemp("engine-logs")
+    with engine_process(tiny_model_dir, logs) as first, engine_process(tiny_model_dir, logs) as second:
+        yield [first.url, second.url]
 
 
 @pytest.fixture(scope="module")
