@@ -36,6 +36,9 @@ def _records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
         if kind == 0:
             pos += left
             continue
+        if pos + HEADER + length > len(data):
+            # A chunk wandb-core is still writing: the records so far are complete, this one is not yet.
+            return
         pending += data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind in (FULL, LAST):
