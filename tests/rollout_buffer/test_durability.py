@@ -24,6 +24,15 @@ def aof_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         yield server
 
 
+@pytest.fixture
+def always_fsynced_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """AOF with ``appendfsync always``: Redis writes each command to the AOF before it replies. Under ``everysec``
+    it postpones that write (up to 2 s) while an earlier fsync is still running, yet replies, so a killed Redis
+    process can lose acknowledged writes on a slow disk (docs/redis.md, "Persistence")."""
+    with EmbeddedRedis(appendonly=True, appendfsync="always", dir=tmp_path / "redis") as server:
+        yield server
+
+
 class Writers:
     """Threads that post items without pause, retrying each until it is answered 2xx, as a careful agent does."""
 
@@ -101,10 +110,10 @@ def test_sigkill_of_the_buffer_mid_stream_loses_no_acknowledged_write(
 
 
 def test_redis_killed_and_restarted_from_aof_keeps_everything_acknowledged(
-    aof_redis: EmbeddedRedis, tmp_path: Path
+    always_fsynced_redis: EmbeddedRedis, tmp_path: Path
 ) -> None:
     config = BufferConfig(
-        redis_url=aof_redis.url, limits=StoreLimits(group_size=1), housekeeping_interval_s=0.2
+        redis_url=always_fsynced_redis.url, limits=StoreLimits(group_size=1), housekeeping_interval_s=0.2
     )
     with serve(config) as buffer:
         with Writers(buffer.url) as writers:
@@ -114,9 +123,9 @@ def test_redis_killed_and_restarted_from_aof_keeps_everything_acknowledged(
             acked = {item["uid"] for group in leased for item in group["items"]}
             ack = buffer.http.post("/v1/groups/ack", json={"lease_ids": [g["lease_id"] for g in leased]})
             assert ack.json()["acked"] == len(leased) == 20
-            aof_redis.kill()
+            always_fsynced_redis.kill()
             time.sleep(0.5)
-            aof_redis.start()
+            always_fsynced_redis.start()
             writers.wait_for(len(writers.acknowledged) + 100)
         stored = _all_uids(buffer.url)
         assert writers.acknowledged - acked <= set(stored)
