@@ -369,12 +369,7 @@ class MegatronTrainWorker(TrainWorker):
         entropy: list[torch.Tensor | None] = [None] * len(local.tokens)
 
         def step(positions: list[int]) -> torch.Tensor:
-            logits = self._forward(local, positions)
-            lps, ents = self._response_log_probs(logits, local, positions, with_entropy=with_entropy)
-            for k, i in enumerate(positions):
-                log_probs[i] = lps[k]
-                if ents is not None:
-                    entropy[i] = ents[k]
+            logits = self._fill_log_probs(local, positions, log_probs, entropy, with_entropy=with_entropy)
             return logits.new_zeros(())
 
         self._run_pipeline(

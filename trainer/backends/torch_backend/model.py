@@ -95,12 +95,9 @@ def _row_mask(segments: tuple[Segment, ...], device: torch.device) -> torch.Tens
             prefix_start[start : start + length] = p_start
             prefix_end[start : start + length] = p_start + p_length
     rows, cols = torch.arange(total)[:, None], torch.arange(total)[None, :]
-    own = (segment_of[:, None] == segment_of[None, :]) & (cols <= rows) & (segment_of[:, None] >= 0)
+    own = (segment_of[:, None] == segment_of[None, :]) & (cols <= rows)
     prefix = (cols >= prefix_start[:, None]) & (cols < prefix_end[:, None])
-    mask = own | prefix
-    # A row outside every segment (none in a packed row) attends to itself, so that its softmax stays finite.
-    mask |= torch.eye(total, dtype=torch.bool) & (segment_of[:, None] < 0)
-    return mask[None, None].to(device)
+    return (own | prefix)[None, None].to(device)
 
 
 @dataclass(frozen=True)

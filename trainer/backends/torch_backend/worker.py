@@ -415,13 +415,27 @@ class TrainWorker:
         entropy: list[torch.Tensor | None] = [None] * len(local.tokens)
         for step in local.log_prob_steps:
             for positions in step:
-                logits = self._forward(local, positions)
-                lps, ents = self._response_log_probs(logits, local, positions, with_entropy=with_entropy)
-                for k, i in enumerate(positions):
-                    log_probs[i] = lps[k]
-                    if ents is not None:
-                        entropy[i] = ents[k]
+                self._fill_log_probs(local, positions, log_probs, entropy, with_entropy=with_entropy)
         return log_probs, (entropy if with_entropy else None)
+
+    def _fill_log_probs(
+        self,
+        local: LocalRollout,
+        positions: list[int],
+        log_probs: list[torch.Tensor | None],
+        entropy: list[torch.Tensor | None],
+        *,
+        with_entropy: bool,
+    ) -> torch.Tensor:
+        """One micro-batch's forward; its samples' response log-probs (and entropies) go to their positions in
+        ``log_probs`` (``entropy``). Returns the forward's output."""
+        logits = self._forward(local, positions)
+        lps, ents = self._response_log_probs(logits, local, positions, with_entropy=with_entropy)
+        for k, i in enumerate(positions):
+            log_probs[i] = lps[k]
+            if ents is not None:
+                entropy[i] = ents[k]
+        return logits
 
     @torch.no_grad()
     def _value_pass(self, local: LocalRollout) -> list[torch.Tensor]:
