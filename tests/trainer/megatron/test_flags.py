@@ -108,8 +108,24 @@ def test_parallel_layouts():
                 "--tensor-model-parallel-size", "2",
             )
         )  # fmt: skip
-    with pytest.raises(ValueError, match="--context-parallel-size 2 .*TransformerEngine"):
-        check_parallelism(_args("--actor-num-gpus-per-node", "2", "--context-parallel-size", "2"))
+    check_parallelism(_args("--actor-num-gpus-per-node", "2", "--context-parallel-size", "2"))
+    check_parallelism(
+        _args(
+            "--actor-num-gpus-per-node", "8", "--context-parallel-size", "2",
+            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+        )
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match="--actor-num-gpus-per-node 6 must be a multiple of .*--context-parallel-size 4"
+    ):
+        check_parallelism(_args("--actor-num-gpus-per-node", "6", "--context-parallel-size", "4"))
+    with pytest.raises(ValueError, match="--loss-type custom_loss with --context-parallel-size 2"):
+        check_parallelism(
+            _args(
+                "--actor-num-gpus-per-node", "2", "--context-parallel-size", "2", "--loss-type", "custom_loss",
+                "--custom-loss-function-path", "x.y",
+            )
+        )  # fmt: skip
     with pytest.raises(ValueError, match="--recompute-granularity full needs --recompute-method"):
         check_parallelism(_args("--recompute-granularity", "full"))
     with pytest.raises(ValueError, match="--num-layers-per-virtual-pipeline-stage is not supported.*evenly"):

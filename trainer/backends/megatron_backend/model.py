@@ -9,6 +9,7 @@ Imported only by the Megatron backend's ranks: it needs megatron-core.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import re
@@ -30,6 +31,7 @@ from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
+from trainer.backends.megatron_backend import context_parallel as cp
 from trainer.backends.megatron_backend import convert
 from trainer.backends.megatron_backend.config import Architecture, recompute_config_kwargs
 from trainer.data_packing import PackedBatch
@@ -37,11 +39,22 @@ from trainer.data_packing import PackedBatch
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class ContextParallelSeqParams(PackedSeqParams):
+    """A packed row's share on one context-parallel rank: the split, and each local token's rotary angles
+    ``[T_local, head_dim]`` (the model is built without rotary embeddings: its own would number the local tokens
+    from 0; :class:`PackedSDPAttention` applies these)."""
+
+    split: cp.RowSplit | None = None
+    rotary_angles: torch.Tensor | None = None
+
+
 class PackedSDPAttention(MegatronModule):
     """Core attention for megatron-core's local spec through ``torch.nn.functional.scaled_dot_product_attention``
     (flash or memory-efficient kernels on GPU), causal, with packed (``thd``) rows attended one sequence at a
     time, as the torch backend does; megatron-core's own ``DotProductAttention`` refuses packed rows and
-    materialises the full score matrix."""
+    materialises the full score matrix. Under context parallelism (:class:`ContextParallelSeqParams`) it applies
+    the rotary embeddings and attends through :func:`context_parallel.attention`."""
 
     def __init__(
         self,
@@ -76,6 +89,12 @@ class PackedSDPAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("PackedSDPAttention does not take an attention bias")
+        if isinstance(packed_seq_params, ContextParallelSeqParams):
+            angles = packed_seq_params.rotary_angles
+            query = cp.apply_rotary(query, angles)
+            key = cp.apply_rotary(key, angles)
+            out = cp.attention(query, key, value, packed_seq_params.split, scale=self.scale)
+            return out.reshape(out.shape[0], -1)
         if packed_seq_params is None:
             out = self._attend(query, key, value)  # [s, b, heads, dim]
             return out.reshape(out.shape[0], out.shape[1], -1)
@@ -154,6 +173,7 @@ def initialize_parallel(
     pp_size: int,
     ep_size: int,
     seed: int,
+    cp_size: int = 1,
 ) -> None:
     """The default (NCCL) process group and megatron-core's model-parallel groups."""
     if not dist.is_initialized():
@@ -167,6 +187,7 @@ def initialize_parallel(
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        context_parallel_size=cp_size,
         expert_model_parallel_size=ep_size,
         distributed_timeout_minutes=timeout_minutes,
     )
@@ -187,6 +208,7 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
         activation_func=F.silu,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=bool(args.sequence_parallel) and args.tensor_model_parallel_size > 1,
         params_dtype=dtype,
@@ -265,14 +287,53 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head
         post_process=last_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=s.tie_word_embeddings and not value_head,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rotary_base),
-        rope_scaling=arch.rope_scaling_factor is not None,
-        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        # Under context parallelism the attention applies rotary embeddings at each token's own position.
+        position_embedding_type="rope" if config.context_parallel_size == 1 else "none",
+        **_rotary_kwargs(arch),
     )
     if value_head and last_stage:
         gpt.output_layer = ValueHead(config)
     return gpt
+
+
+def _rotary_kwargs(arch: Architecture) -> dict[str, Any]:
+    return {
+        "rotary_base": int(arch.rotary_base),
+        "rope_scaling": arch.rope_scaling_factor is not None,
+        "rope_scaling_factor": arch.rope_scaling_factor or 8.0,
+    }
+
+
+class RotaryAngles:
+    """Rotary angles by position (``[positions, head_dim]``, the halves repeated as megatron-core lays them out),
+    from megatron-core's own ``RotaryEmbedding`` configured as ``GPTModel`` configures it; for context
+    parallelism, where the model is built without one."""
+
+    def __init__(self, arch: Architecture, config: TransformerConfig, device: torch.device) -> None:
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        kwargs = _rotary_kwargs(arch)
+        rotary = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_interleaved=config.rotary_interleaved,
+            rotary_base=kwargs["rotary_base"],
+            rope_scaling=kwargs["rope_scaling"],
+            rope_scaling_factor=kwargs["rope_scaling_factor"],
+            use_cpu_initialization=True,
+        )
+        if config.rotary_interleaved:
+            raise ValueError("context parallelism supports non-interleaved rotary embeddings only")
+        rotary.inv_freq = rotary.inv_freq.to(device)
+        self.rotary = rotary
+        self.table = torch.empty(0, device=device)
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.table.shape[0]:
+            freqs = self.rotary.get_freqs_non_repeated(max(needed, 2 * self.table.shape[0]))
+            self.table = torch.cat((freqs, freqs), dim=-1)
+        return self.table[positions]
 
 
 def wrap_fp16(model: GPTModel, config: TransformerConfig) -> torch.nn.Module:
@@ -542,6 +603,45 @@ def forward_packed(model: torch.nn.Module, packed: PackedBatch, multiple: int) -
         position_ids=position_ids,
         attention_mask=None,
         packed_seq_params=packed_seq_params(lengths, input_ids.device),
+    )
+
+
+def split_packed(packed: PackedBatch, multiple: int, device: torch.device) -> cp.RowSplit:
+    """This context-parallel rank's share of a packed row (its local length divides by ``multiple``)."""
+    from megatron.core import parallel_state as mpu
+
+    return cp.split_row(
+        list(packed.total_lengths),
+        cp_size=mpu.get_context_parallel_world_size(),
+        cp_rank=mpu.get_context_parallel_rank(),
+        group=mpu.get_context_parallel_group(),
+        multiple=multiple,
+        device=device,
+    )
+
+
+def forward_split(
+    model: torch.nn.Module, packed: PackedBatch, split: cp.RowSplit, angles: RotaryAngles
+) -> torch.Tensor:
+    """This stage's output for this context-parallel rank's share of a packed row (as :func:`forward_packed`, on
+    ``split.local_tokens`` tokens: the last stage's ``[1, T_local, X]``, else the hidden states)."""
+    input_ids = cp.local_part(packed.input_ids[0], split)
+    lengths = [2 * c.length for c in split.chunks[::2]]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=input_ids.device)
+    params = ContextParallelSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+        split=split,
+        rotary_angles=angles(split.positions),
+    )
+    return model(
+        input_ids=input_ids.unsqueeze(0),
+        position_ids=split.positions.unsqueeze(0),
+        attention_mask=None,
+        packed_seq_params=params,
     )
 
 

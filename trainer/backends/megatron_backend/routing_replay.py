@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.backends.megatron_backend import context_parallel
+
 
 class RoutingReplay:
     """The recorded routes of this rank's samples of one rollout, and the record/replay switch of each forward."""
@@ -57,11 +59,19 @@ class RoutingReplay:
 
     @contextlib.contextmanager
     def forward(
-        self, positions: list[int], lengths: list[int], *, padding: int = 0, sequence_group: Any = None
+        self,
+        positions: list[int],
+        lengths: list[int],
+        *,
+        padding: int = 0,
+        sequence_group: Any = None,
+        split: context_parallel.RowSplit | None = None,
     ) -> Iterator[None]:
         """Around one forward of the packed samples ``positions`` (local sample positions) of ``lengths`` tokens,
         followed by ``padding`` filler tokens. Under sequence parallelism (``sequence_group``, the tensor-parallel
-        group) each rank routes only its slice of the row: recorded slices are gathered, replayed ones cut."""
+        group) each rank routes only its slice of the row: recorded slices are gathered, replayed ones cut. Under
+        context parallelism (``split``, which holds its own padding) each rank routes its share of the row: recorded
+        shares are gathered over the context-parallel group, replayed ones taken from the whole row's routes."""
         if self.mode is None:
             yield
             return
@@ -75,9 +85,13 @@ class RoutingReplay:
                     "log-prob pass records them before training"
                 )
             routes = torch.cat([self.routes[i] for i in positions]).long()
-            if padding:
-                # Filler tokens take any valid distinct experts; their outputs are dropped.
-                topk = torch.arange(routes.shape[2], device=routes.device)
+            # Filler tokens take any valid distinct experts; their outputs are dropped.
+            topk = torch.arange(routes.shape[2], device=routes.device)
+            if split is not None:
+                padded = topk.expand(split.padded_tokens, routes.shape[1], -1).clone()
+                padded[split.token_index] = routes
+                routes = padded[split.local_index]
+            elif padding:
                 routes = torch.cat([routes, topk.expand(padding, routes.shape[1], -1)])
             if sequence_group is not None:
                 routes = routes.chunk(dist.get_world_size(sequence_group))[dist.get_rank(sequence_group)]
@@ -96,6 +110,8 @@ class RoutingReplay:
                     parts = [torch.empty_like(routes) for _ in range(dist.get_world_size(sequence_group))]
                     dist.all_gather(parts, routes.contiguous(), group=sequence_group)
                     routes = torch.cat(parts)
+                if split is not None:
+                    routes = context_parallel.gather_rows(routes[: split.local_tokens], split)
                 # int32 per sample: half of what int64 indices would keep through the rollout.
                 routes = routes[: sum(lengths)].to(torch.int32)
                 for i, part in zip(positions, routes.split(lengths), strict=True):

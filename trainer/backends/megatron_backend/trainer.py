@@ -54,11 +54,14 @@ def check_parallelism(args: Any) -> None:
         raise ValueError(
             "--train-backend megatron runs its ranks on the trainer's host: set --actor-num-nodes 1"
         )
-    if args.context_parallel_size != 1:
+    cp = args.context_parallel_size
+    if cp < 1:
+        raise ValueError(f"--context-parallel-size must be at least 1, got {cp}")
+    if cp > 1 and args.loss_type == "custom_loss":
         raise ValueError(
-            f"--context-parallel-size {args.context_parallel_size} is not supported by this Megatron backend: "
-            "context parallelism needs TransformerEngine's attention, and this backend builds megatron-core's "
-            "local layer spec; use 1 (tensor, pipeline, expert and data parallelism are supported)"
+            f"--loss-type custom_loss with --context-parallel-size {cp} is not supported: a custom loss reads "
+            "the logits of whole samples (slime's layout), and each context-parallel rank holds only its share "
+            "of every sample's tokens; use --context-parallel-size 1"
         )
     for flag in UNEVEN_OR_INTERLEAVED_PIPELINE_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"), None)
@@ -85,6 +88,11 @@ def check_parallelism(args: Any) -> None:
             raise ValueError(
                 f"{flag} {count} must be a multiple of --tensor-model-parallel-size {tp} × "
                 f"--pipeline-model-parallel-size {pp} × --expert-model-parallel-size {ep}"
+            )
+        if count % (tp * pp * cp):
+            raise ValueError(
+                f"{flag} {count} must be a multiple of --tensor-model-parallel-size {tp} × "
+                f"--pipeline-model-parallel-size {pp} × --context-parallel-size {cp}"
             )
 
 

@@ -11,6 +11,11 @@ With pipeline stages (``--pipeline-model-parallel-size``), every pass over micro
 training) runs through megatron-core's pipeline schedule; the last stage computes log-probs, values and losses
 with the shared code and broadcasts them to the other stages, so every rank holds the same rollout state and the
 driver reads any rank's answer.
+
+With context parallelism (``--context-parallel-size``), the context-parallel ranks of a data-parallel rank hold the
+same samples and each runs its share of every packed row (``context_parallel``); the per-token log-probs,
+entropies and values are gathered over them, so every one computes the same losses and metrics from its own
+tokens' gradients, which Megatron's DDP then sums over the data- and context-parallel ranks.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig
+from trainer.algorithms.logprobs import token_log_probs
 from trainer.algorithms.loss import LossConfig
 from trainer.algorithms.tis import load_tis_function
 from trainer.backends.batch import RolloutBatch
-from trainer.backends.megatron_backend import convert, torch_format
+from trainer.backends.megatron_backend import context_parallel, convert, torch_format
 from trainer.backends.megatron_backend import model as mg_model
 from trainer.backends.megatron_backend.config import architecture_from_hf, check_megatron_args
 from trainer.backends.megatron_backend.routing_replay import RoutingReplay
@@ -95,11 +101,14 @@ class MegatronTrainWorker(TrainWorker):
             pp_size=pp,
             ep_size=args.expert_model_parallel_size,
             seed=args.seed,
+            cp_size=args.context_parallel_size,
         )
         self.rank = mpu.get_data_parallel_rank()
         self.world_size = mpu.get_data_parallel_world_size()
         self.group = mpu.get_data_parallel_group() if self.world_size > 1 else None
         self.tp_rank = mpu.get_tensor_model_parallel_rank()
+        self.cp_size = args.context_parallel_size
+        self.cp_rank = mpu.get_context_parallel_rank()
         self.pp_size = pp
         self.pp_rank = mpu.get_pipeline_model_parallel_rank()
         self.last_stage = mpu.is_pipeline_last_stage()
@@ -136,6 +145,7 @@ class MegatronTrainWorker(TrainWorker):
         total_steps = args.num_rollout * self.steps_per_rollout if args.num_rollout else None
         self.optim_config = OptimizerConfig.from_args(args, role=role, total_steps=total_steps)
         self.model, self.optimizer = self._build()
+        self.rotary = mg_model.RotaryAngles(self.arch, self.config, self.device) if self.cp_size > 1 else None
         self.param_plan = mg_model.full_param_plan(self.model, self.shape)
         # The same schedule as the torch backend, applied to Megatron's parameter groups; it is what the
         # before-train-step hook receives as ``opt_param_scheduler``.
@@ -169,7 +179,7 @@ class MegatronTrainWorker(TrainWorker):
         self.local: LocalRollout | None = None
         self.senders: dict[tuple[str, tuple[str, ...], int | None], WeightSender] = {}
         logger.info(
-            "megatron %s rank %d/%d (TP %d/%d, PP %d/%d, DP %d/%d) on %s: %s from %s",
+            "megatron %s rank %d/%d (TP %d/%d, PP %d/%d, CP %d/%d, DP %d/%d) on %s: %s from %s",
             role,
             rank,
             world_size,
@@ -177,6 +187,8 @@ class MegatronTrainWorker(TrainWorker):
             tp,
             self.pp_rank,
             pp,
+            self.cp_rank,
+            self.cp_size,
             self.rank,
             self.world_size,
             self.device,
@@ -272,6 +284,7 @@ class MegatronTrainWorker(TrainWorker):
 
         packed = self._pack(local, positions)
         multiple = mg_model.sequence_multiple(self.config)
+        split = self._split(local, positions) if self.cp_size > 1 else None
         routing = contextlib.nullcontext()
         if self.routing is not None:
             sequence_group = mpu.get_tensor_model_parallel_group() if self.config.sequence_parallel else None
@@ -280,8 +293,11 @@ class MegatronTrainWorker(TrainWorker):
                 packed.total_lengths,
                 padding=-packed.num_tokens % multiple,
                 sequence_group=sequence_group,
+                split=split,
             )
         with routing:
+            if split is not None:
+                return self._forward_split(packed, split)
             if not self.last_stage:
                 return mg_model.forward_packed(self.model, packed, multiple)
             if self.role == CRITIC:
@@ -289,6 +305,76 @@ class MegatronTrainWorker(TrainWorker):
             return mg_model.forward_logits(
                 self.model, packed, vocab_size=self.shape.vocab_size, multiple=multiple
             )
+
+    def _split(self, local: LocalRollout, positions: list[int]) -> context_parallel.RowSplit:
+        """This context-parallel rank's share of the micro-batch's packed row (kept with the packed row)."""
+        key = ("context_parallel", *positions)
+        split = local.packed.get(key)
+        if split is None:
+            split = mg_model.split_packed(
+                self._pack(local, positions), mg_model.sequence_multiple(self.config), self.device
+            )
+            local.packed[key] = split
+        return split
+
+    def _forward_split(self, packed: Any, split: context_parallel.RowSplit) -> torch.Tensor:
+        """``_forward`` under context parallelism: the last stage's actor returns its own tokens' logits
+        ``[T_local, vocab]`` (``_response_log_probs`` gathers what it computes from them); the critic the values of
+        the whole row ``[T, 1]``."""
+        from megatron.core import tensor_parallel
+
+        out = mg_model.forward_split(self.model, packed, split, self.rotary)
+        if not self.last_stage:
+            return out
+        if self.role == CRITIC:
+            return context_parallel.gather_rows(out[0].float(), split)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(out)
+        return logits[0, :, : self.shape.vocab_size].float()
+
+    def _response_log_probs(
+        self, logits: torch.Tensor, local: LocalRollout, positions: list[int], *, with_entropy: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Under context parallelism ``logits`` are this rank's tokens': each rank computes the log-probs (and
+        entropies) of its own response rows, and every rank gathers all of them."""
+        if self.cp_size == 1:
+            return super()._response_log_probs(logits, local, positions, with_entropy=with_entropy)
+        split = self._split(local, positions)
+        rows = self._response_rows(local, positions)
+        targets = torch.zeros(split.num_tokens, dtype=torch.long, device=self.device)
+        scored = torch.zeros(split.num_tokens, dtype=torch.bool, device=self.device)
+        for i, r in zip(positions, rows, strict=True):
+            sample = torch.as_tensor(local.tokens[i], device=self.device)
+            targets[r] = sample[len(sample) - local.response_lengths[i] :]
+            scored[r] = True
+        mine = context_parallel.local_part(scored, split, fill=False).nonzero().squeeze(1)
+        lp, ent = token_log_probs(
+            logits[mine],
+            context_parallel.local_part(targets, split)[mine],
+            temperature=self.args.rollout_temperature,
+            with_entropy=with_entropy,
+        )
+
+        def gathered(values: torch.Tensor) -> list[torch.Tensor]:
+            per_token = values.new_zeros(split.local_tokens).index_copy(0, mine, values)
+            full = context_parallel.gather_rows(per_token, split)
+            return [full[r] for r in rows]
+
+        return gathered(lp), (gathered(ent) if ent is not None else None)
+
+    def _micro_batches(
+        self, step_samples: list[list[int]], lengths: list[int], max_tokens: int | None
+    ) -> list[list[list[int]]]:
+        """As the torch backend's, a micro-batch holding up to ``--max-tokens-per-gpu`` tokens per GPU: under
+        context parallelism that is ``max_tokens × --context-parallel-size`` tokens of samples (as slime)."""
+        if max_tokens is not None:
+            max_tokens *= self.cp_size
+        return super()._micro_batches(step_samples, lengths, max_tokens)
+
+    def _gradient_average_ranks(self) -> int:
+        """Megatron's DDP averages gradients over the data- and context-parallel ranks, while context-parallel
+        ranks hold parts of the same samples' gradients: without pipeline stages the loss scale undoes both (with
+        them megatron-core's schedule multiplies the loss by the context-parallel size itself)."""
+        return self.world_size * (self.cp_size if self.pp_size == 1 else 1)
 
     # --------------------------------------------------------------------------------- pipeline stages
     def _run_pipeline(
@@ -456,8 +542,7 @@ class MegatronTrainWorker(TrainWorker):
         if self.pp_size == 1:
             return super()._accumulate_gradients(local, micro_batches)
         denominator = self._step_denominator(local, micro_batches)
-        # The data-parallel gradient reduction averages over ranks; the world size undoes that.
-        scale = self.world_size / denominator
+        scale = self._gradient_average_ranks() / denominator
         sums: dict[str, float] = {}
 
         def step(positions: list[int]) -> torch.Tensor:
@@ -707,9 +792,9 @@ class MegatronTrainWorker(TrainWorker):
 
     # ------------------------------------------------------------------------------------- weight push
     def _sender(self, request: WeightPushRequest, buckets: list[list[str]]) -> WeightSender | None:
-        # One rank per data-parallel replica (first pipeline stage, tensor-parallel rank 0) feeds engines; the
-        # others only help gather.
-        if self.tp_rank != 0 or self.pp_rank != 0:
+        # One rank per data-parallel replica (first pipeline stage, tensor- and context-parallel rank 0) feeds
+        # engines; the others only help gather.
+        if self.tp_rank != 0 or self.pp_rank != 0 or self.cp_rank != 0:
             return None
         return super()._sender(request, buckets)
 

@@ -110,7 +110,8 @@ class LocalRollout:
     # The old policy's log-probs come from the training forward (see TrainWorker._old_policy_from_training).
     old_policy_from_training: bool = False
     # Each micro-batch's packed row (samples' positions -> PackedBatch): every pass over it packs it the same way.
-    packed: dict[tuple[int, ...], PackedBatch] = field(default_factory=dict)
+    # Packed rows by micro-batch (sample positions); a backend may keep per-row layouts here under its own keys.
+    packed: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     def record_old_policy(
         self, positions: list[int], log_probs: list[torch.Tensor], entropy: list[torch.Tensor] | None
@@ -606,8 +607,7 @@ class TrainWorker:
         """Forward and backward of every micro-batch of one optimizer step, the loss normalised over the whole step
         on every data-parallel rank; returns the step's loss metrics, averaged the same way."""
         denominator = self._step_denominator(local, micro_batches)
-        # The data-parallel gradient reduction averages over ranks; the world size undoes that.
-        scale = self.world_size / denominator
+        scale = self._gradient_average_ranks() / denominator
         sums: dict[str, float] = {}
         for k, positions in enumerate(micro_batches):
             self._before_micro_batch(last=k == len(micro_batches) - 1)
@@ -616,6 +616,10 @@ class TrainWorker:
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         return self._step_means(sums, denominator)
+
+    def _gradient_average_ranks(self) -> int:
+        """How many ranks the gradient reduction averages over (the loss scale undoes it): the data-parallel ones."""
+        return self.world_size
 
     def _step_denominator(self, local: LocalRollout, micro_batches: list[list[int]]) -> float:
         """What a step's summed losses are divided by: its sample (or masked-token) count over every rank."""
