@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,46 @@ def test_pipeline_stages_renumber_layers_and_place_embeddings(model_dir):
     )
     with pytest.raises(ValueError, match="--pipeline-model-parallel-size 3"):
         convert.stage_layers(4, 3, 0)
+
+
+@pytest.mark.parametrize(
+    ("layers", "pp", "first", "last", "sizes"),
+    [
+        (4, 2, None, None, [2, 2]),
+        (4, 2, 1, None, [1, 3]),
+        (4, 2, None, 1, [3, 1]),
+        (6, 3, 2, None, [2, 2, 2]),
+        (4, 3, 2, None, [2, 1, 1]),
+        (7, 3, 1, None, [1, 3, 3]),
+        (8, 4, 1, 1, [1, 3, 3, 1]),
+        (5, 2, 2, 3, [2, 3]),
+    ],
+)
+def test_uneven_pipeline_stages_follow_megatron(layers, pp, first, last, sizes):
+    """``--decoder-first/last-pipeline-num-layers`` as megatron-core splits: the given stages take their counts, the
+    rest split evenly over the stages between."""
+    assert convert.stage_sizes(layers, pp, first=first, last=last) == sizes
+    starts = [sum(sizes[:r]) for r in range(pp)]
+    for rank in range(pp):
+        got = convert.stage_layers(layers, pp, rank, first=first, last=last)
+        assert got == range(starts[rank], starts[rank] + sizes[rank])
+
+
+@pytest.mark.parametrize(
+    ("layers", "pp", "first", "last", "message"),
+    [
+        (4, 2, 1, 1, "--decoder-first-pipeline-num-layers 1 and --decoder-last-pipeline-num-layers 1 must add up to "
+         "the model's 4 layers"),
+        (8, 3, 1, None, "the other 7 of the model's 8 layers must split evenly over the 2 stages between"),
+        (4, 2, 4, None, "--decoder-first-pipeline-num-layers 4 must be a whole number of layers from 1 to 3"),
+        (4, 2, None, 0, "--decoder-last-pipeline-num-layers 0 must be"),
+        (4, 1, 2, None, "--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size above 1"),
+        (4, 3, 3, None, "the other 1 of the model's 4 layers must split evenly over the 2"),
+    ],
+)  # fmt: skip
+def test_impossible_pipeline_splits_name_the_flags(layers, pp, first, last, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert.stage_sizes(layers, pp, first=first, last=last)
 
 
 def _slime(*argv: str) -> subprocess.CompletedProcess:

@@ -128,6 +128,16 @@ def test_parallel_layouts():
         )  # fmt: skip
     with pytest.raises(ValueError, match="--recompute-granularity full needs --recompute-method"):
         check_parallelism(_args("--recompute-granularity", "full"))
+    check_parallelism(
+        _args(
+            "--actor-num-gpus-per-node", "2", "--pipeline-model-parallel-size", "2",
+            "--decoder-first-pipeline-num-layers", "1",
+        )
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match="--decoder-last-pipeline-num-layers needs --pipeline-model-parallel-size"
+    ):
+        check_parallelism(_args("--decoder-last-pipeline-num-layers", "1"))
     with pytest.raises(ValueError, match="--num-layers-per-virtual-pipeline-stage is not supported.*evenly"):
         check_parallelism(
             _args(

@@ -447,6 +447,7 @@ LAYOUTS = {
     "pp2_full_recompute": ("model_dir", FULL_RECOMPUTE, PP2),
     "pp2_ppo_critic": ("model_dir", PPO, PP2),
     "moe_pp2_routing_replay": ("moe_dir", ("--use-routing-replay",), PP2),
+    "pp2_uneven": ("deep_dir", (), (*PP2, "--decoder-first-pipeline-num-layers", "1")),
     "cp2": ("model_dir", (), CP2),
     "cp2_bf16": ("model_dir", ("--bf16",), CP2),
     "cp2_selective_recompute": ("model_dir", ("--recompute-granularity", "selective"), CP2),

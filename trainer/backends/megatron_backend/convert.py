@@ -359,14 +359,56 @@ def check_tp_compatible(shape: ModelShape, tp_size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- pipeline stages
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """The global layer indices of pipeline stage ``pp_rank`` (layers split evenly, as Megatron does)."""
-    if num_layers % pp_size:
+FIRST_STAGE_FLAG = "--decoder-first-pipeline-num-layers"
+LAST_STAGE_FLAG = "--decoder-last-pipeline-num-layers"
+
+
+def stage_sizes(
+    num_layers: int, pp_size: int, *, first: int | None = None, last: int | None = None
+) -> list[int]:
+    """How many layers each pipeline stage holds, as Megatron splits them: evenly, or ``first`` / ``last`` layers
+    on the first / last stage (``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers``)
+    and the rest evenly over the stages between."""
+    if first is None and last is None:
+        if num_layers % pp_size:
+            raise ValueError(
+                f"--pipeline-model-parallel-size {pp_size} must divide the {num_layers} layers of the model "
+                f"(or set {FIRST_STAGE_FLAG} / {LAST_STAGE_FLAG})"
+            )
+        return [num_layers // pp_size] * pp_size
+    given = [(flag, n) for flag, n in ((FIRST_STAGE_FLAG, first), (LAST_STAGE_FLAG, last)) if n is not None]
+    if pp_size == 1:
+        raise ValueError(f"{given[0][0]} needs --pipeline-model-parallel-size above 1")
+    for flag, n in given:
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < num_layers:
+            raise ValueError(f"{flag} {n!r} must be a whole number of layers from 1 to {num_layers - 1}")
+    middle_stages = pp_size - len(given)
+    middle_layers = num_layers - sum(n for _, n in given)
+    named = " and ".join(f"{flag} {n}" for flag, n in given)
+    if middle_stages == 0 and middle_layers != 0:
         raise ValueError(
-            f"--pipeline-model-parallel-size {pp_size} must divide the {num_layers} layers of the model"
+            f"{named} must add up to the model's {num_layers} layers with --pipeline-model-parallel-size {pp_size}"
         )
-    per = num_layers // pp_size
-    return range(pp_rank * per, (pp_rank + 1) * per)
+    if middle_stages and (middle_layers < middle_stages or middle_layers % middle_stages):
+        raise ValueError(
+            f"with {named}, the other {middle_layers} of the model's {num_layers} layers must split evenly over "
+            f"the {middle_stages} stages between (--pipeline-model-parallel-size {pp_size})"
+        )
+    sizes = [middle_layers // middle_stages if middle_stages else 0] * pp_size
+    if first is not None:
+        sizes[0] = first
+    if last is not None:
+        sizes[-1] = last
+    return sizes
+
+
+def stage_layers(
+    num_layers: int, pp_size: int, pp_rank: int, *, first: int | None = None, last: int | None = None
+) -> range:
+    """The global layer indices of pipeline stage ``pp_rank`` (split as :func:`stage_sizes` says)."""
+    sizes = stage_sizes(num_layers, pp_size, first=first, last=last)
+    start = sum(sizes[:pp_rank])
+    return range(start, start + sizes[pp_rank])
 
 
 def stage_state(

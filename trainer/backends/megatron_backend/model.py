@@ -194,6 +194,27 @@ def initialize_parallel(
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def pipeline_split_flags(args: Any) -> tuple[int | None, int | None]:
+    """``--decoder-first-pipeline-num-layers`` and ``--decoder-last-pipeline-num-layers`` (Megatron pass-through
+    flags; None when not given)."""
+    return (
+        getattr(args, "decoder_first_pipeline_num_layers", None),
+        getattr(args, "decoder_last_pipeline_num_layers", None),
+    )
+
+
+def stage_layers(config: TransformerConfig, pp_rank: int) -> range:
+    """The global layer indices of pipeline stage ``pp_rank`` under ``config``'s split (megatron-core numbers its
+    layers the same way)."""
+    return convert.stage_layers(
+        config.num_layers,
+        config.pipeline_model_parallel_size,
+        pp_rank,
+        first=config.num_layers_in_first_pipeline_stage,
+        last=config.num_layers_in_last_pipeline_stage,
+    )
+
+
 def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     pp = args.pipeline_model_parallel_size
@@ -202,7 +223,8 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
         # Packed rows differ in length from one micro-batch to the next: the stages send each activation's shape
         # ahead of it (variable_seq_lengths), which megatron-core's allgather MoE dispatcher does not support.
         kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
-    layers_per_stage = len(convert.stage_layers(arch.shape.num_layers, pp, 0))
+    first, last = pipeline_split_flags(args)
+    stage_sizes = convert.stage_sizes(arch.shape.num_layers, pp, first=first, last=last)
     return TransformerConfig(
         **kwargs,
         activation_func=F.silu,
@@ -217,7 +239,9 @@ def transformer_config(arch: Architecture, args: Any) -> TransformerConfig:
         use_cpu_initialization=True,
         perform_initialization=False,
         deterministic_mode=bool(args.deterministic_mode),
-        **recompute_config_kwargs(args, layers_per_stage),
+        num_layers_in_first_pipeline_stage=first,
+        num_layers_in_last_pipeline_stage=last,
+        **recompute_config_kwargs(args, min(stage_sizes)),
         **({"moe_enable_routing_replay": True} if args.use_routing_replay else {}),
     )
 
@@ -273,9 +297,7 @@ def build_gpt_model(arch: Architecture, config: TransformerConfig, *, value_head
     if s.qk_norm:
         layer.self_attention.submodules.q_layernorm = RMSNorm
         layer.self_attention.submodules.k_layernorm = RMSNorm
-    layers = convert.stage_layers(
-        s.num_layers, config.pipeline_model_parallel_size, mpu.get_pipeline_model_parallel_rank()
-    )
+    layers = stage_layers(config, mpu.get_pipeline_model_parallel_rank())
     block = TransformerBlockSubmodules(layer_specs=[spec] * len(layers), layer_norm=RMSNorm)
     last_stage = mpu.is_pipeline_last_stage()
     gpt = (CriticGPTModel if value_head else GPTModel)(
@@ -351,16 +373,12 @@ def unwrap(model: torch.nn.Module) -> GPTModel:
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def global_name(name: str, shape: convert.ModelShape) -> str:
+def global_name(name: str, shape: convert.ModelShape, config: TransformerConfig) -> str:
     """A parameter name of this rank's ``GPTModel`` → the full model's name (layers numbered across pipeline
     stages, experts across expert-parallel ranks)."""
     match = _LAYER.match(name)
     if match is not None and mpu.get_pipeline_model_parallel_world_size() > 1:
-        offset = convert.stage_layers(
-            shape.num_layers,
-            mpu.get_pipeline_model_parallel_world_size(),
-            mpu.get_pipeline_model_parallel_rank(),
-        ).start
+        offset = stage_layers(config, mpu.get_pipeline_model_parallel_rank()).start
         name = f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}"
     marker = "mlp.experts.local_experts."
     if marker not in name:
@@ -409,7 +427,7 @@ def local_shards(
         if _is_tied_copy(model, local_name):
             mg_name = "embedding.word_embeddings.weight"
         else:
-            mg_name = global_name(local_name, shape)
+            mg_name = global_name(local_name, shape, unwrap(model).config)
         if mg_name not in mg_full:
             raise KeyError(f"Megatron parameter {mg_name!r} missing from the converted weights")
         _, tp_size, tp_rank = _tp_group_of(mg_name)
@@ -462,7 +480,7 @@ def _stage_params(
         local_name = name.removeprefix(prefix)
         if _is_tied_copy(model, local_name):
             continue
-        mg_name = global_name(local_name, shape)
+        mg_name = global_name(local_name, shape, unwrap(model).config)
         if ep_size > 1 and ".mlp.experts.local_experts." in mg_name:
             head, tail = mg_name.split("local_experts.")
             local, rest = tail.split(".", 1)

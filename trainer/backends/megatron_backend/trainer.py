@@ -33,14 +33,13 @@ def require_megatron(prog: str = "slime train") -> None:
         )
 
 
-# Megatron-LM flags (accepted as pass-through) for virtual pipeline stages and uneven stage splits.
+# Megatron-LM flags (accepted as pass-through) for virtual pipeline stages and stage splits other than
+# --decoder-first/last-pipeline-num-layers.
 UNEVEN_OR_INTERLEAVED_PIPELINE_FLAGS = (
     "--num-layers-per-virtual-pipeline-stage",
     "--num-virtual-stages-per-pipeline-rank",
     "--microbatch-group-size-per-virtual-pipeline-stage",
     "--pipeline-model-parallel-layout",
-    "--decoder-first-pipeline-num-layers",
-    "--decoder-last-pipeline-num-layers",
     "--account-for-embedding-in-pipeline-split",
     "--account-for-loss-in-pipeline-split",
 )
@@ -67,9 +66,21 @@ def check_parallelism(args: Any) -> None:
         value = getattr(args, flag[2:].replace("-", "_"), None)
         if value not in (None, False):
             raise ValueError(
-                f"{flag} is not supported by this Megatron backend: it splits the layers evenly over "
-                "--pipeline-model-parallel-size stages and runs the non-interleaved (1F1B) schedule"
+                f"{flag} is not supported by this Megatron backend: it splits the layers over "
+                "--pipeline-model-parallel-size stages evenly or by --decoder-first-pipeline-num-layers / "
+                "--decoder-last-pipeline-num-layers, and runs the non-interleaved (1F1B) schedule"
             )
+    first, last = (
+        getattr(args, "decoder_first_pipeline_num_layers", None),
+        getattr(args, "decoder_last_pipeline_num_layers", None),
+    )
+    if (first is not None or last is not None) and args.pipeline_model_parallel_size == 1:
+        flag = (
+            "--decoder-first-pipeline-num-layers"
+            if first is not None
+            else "--decoder-last-pipeline-num-layers"
+        )
+        raise ValueError(f"{flag} needs --pipeline-model-parallel-size above 1")
     recompute_config_kwargs(args)
     tp, pp, ep = (
         args.tensor_model_parallel_size,

@@ -129,8 +129,9 @@ class MegatronTrainWorker(TrainWorker):
         )
         self.shape = self.arch.shape
         check_megatron_args(args, self.arch)
+        first, last = mg_model.pipeline_split_flags(args)
         convert.check_tp_compatible(self.shape, tp)
-        convert.stage_layers(self.shape.num_layers, pp, self.pp_rank)
+        convert.stage_layers(self.shape.num_layers, pp, self.pp_rank, first=first, last=last)
         if args.use_routing_replay and not self.shape.num_experts:
             raise ValueError(
                 f"--use-routing-replay replays MoE expert routing, but {args.hf_checkpoint} ({self.architecture}) "
