@@ -82,10 +82,6 @@ def test_recompute_flags_map_onto_transformer_config(flags, expected):
             (*FULL, "uniform", "--recompute-num-layers", "1", "--recompute-modules", "mlp"),
             "applies to .*selective",
         ),
-        (
-            (*FULL, "uniform", "--recompute-num-layers", "1", "--use-routing-replay"),
-            "--use-routing-replay with --recompute-granularity full",
-        ),
     ],
 )
 def test_recompute_combinations_megatron_rejects_name_the_flag(flags, message):

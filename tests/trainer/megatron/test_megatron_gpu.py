@@ -267,9 +267,11 @@ def moe_dir(tmp_path_factory) -> Path:
     )
 
 
-def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch):
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch, recompute):
     """The old policy's pass records every token's experts; both optimizer steps of the rollout route exactly so,
-    packed differently (other micro-batches than the log-prob pass), the second after the weights have moved."""
+    packed differently (other micro-batches than the log-prob pass), the second after the weights have moved. Under
+    full recomputation the backward pass's rerun of every training forward routes so too."""
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
     from services.core.net import free_port
@@ -292,6 +294,7 @@ def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch):
         "--global-batch-size", "4", "--use-dynamic-batch-size",
         "--max-tokens-per-gpu", "24", "--log-probs-max-tokens-per-gpu", "200",
         "--lr", "3e-2", "--use-kl-loss", "--kl-loss-coef", "0.1",
+        *(FULL_RECOMPUTE if recompute == "full" else ()),
     )  # fmt: skip
     worker = MegatronTrainWorker(
         args, role=ACTOR, rank=0, world_size=1, dist_init=DistInit("127.0.0.1", free_port())
@@ -315,14 +318,26 @@ def test_routing_replay_trains_on_the_recorded_routes(moe_dir, monkeypatch):
         assert {a for a, _, _ in calls} == {None, RouterReplayAction.RECORD}
         worker.train(rollout_id=0)
         train_calls = calls[prepare_calls:]
-        train_forwards = forwards[-(len(train_calls) // layers) :]
+        forward_calls = [c for c in train_calls if c[0] is RouterReplayAction.REPLAY_FORWARD]
+        backward_calls = [c for c in train_calls if c[0] is RouterReplayAction.REPLAY_BACKWARD]
+        assert len(forward_calls) + len(backward_calls) == len(train_calls)
+        # Full recomputation reruns every layer (one per checkpoint) of every training forward in the backward pass.
+        assert len(backward_calls) == (len(forward_calls) if recompute == "full" else 0)
+        train_forwards = forwards[-(len(forward_calls) // layers) :]
         assert len(train_forwards) > 2  # micro-batches of at most 24 tokens, over two optimizer steps
-        assert all(action is RouterReplayAction.REPLAY_FORWARD for action, _, _ in train_calls)
         for k, positions in enumerate(train_forwards):
             expected = torch.cat([recorded[i] for i in positions])
             for layer in range(layers):
-                _, got_layer, used = train_calls[k * layers + layer]
+                _, got_layer, used = forward_calls[k * layers + layer]
                 assert got_layer == layer and torch.equal(used, expected[:, layer]), (k, layer)
+            if backward_calls:
+                # The backward recomputes the layers last to first.
+                rerun = {
+                    got_layer: used for _, got_layer, used in backward_calls[k * layers : (k + 1) * layers]
+                }
+                assert sorted(rerun) == list(range(layers))
+                for layer in range(layers):
+                    assert torch.equal(rerun[layer], expected[:, layer]), ("backward", k, layer)
         # Free routing under the trained weights differs for some tokens: replay is what kept them.
         calls.clear()
         worker.compute_log_probs(batch)
@@ -447,6 +462,7 @@ LAYOUTS = {
     "pp2_full_recompute": ("model_dir", FULL_RECOMPUTE, PP2),
     "pp2_ppo_critic": ("model_dir", PPO, PP2),
     "moe_pp2_routing_replay": ("moe_dir", ("--use-routing-replay",), PP2),
+    "moe_pp2_full_recompute_routing_replay": ("moe_dir", ("--use-routing-replay", *FULL_RECOMPUTE), PP2),
     "pp2_uneven": ("deep_dir", (), (*PP2, "--decoder-first-pipeline-num-layers", "1")),
     "cp2": ("model_dir", (), CP2),
     "cp2_bf16": ("model_dir", ("--bf16",), CP2),

@@ -226,12 +226,6 @@ def recompute_config_kwargs(args: Any, layers_per_stage: int | None = None) -> d
         raise ValueError(
             f"--recompute-granularity full needs --recompute-num-layers between 1 and {bound}; it {given}"
         )
-    if getattr(args, "use_routing_replay", False):
-        raise ValueError(
-            "--use-routing-replay with --recompute-granularity full: the routers would run again in the backward "
-            "pass without the recorded routes (this backend replays them in the forward pass only); use "
-            "--recompute-granularity selective"
-        )
     return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 

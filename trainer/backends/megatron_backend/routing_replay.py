@@ -5,7 +5,9 @@ forwards of the same experts (slime's ``record`` and ``replay_forward`` stages; 
 It drives megatron-core's ``RouterReplay`` (one per MoE layer, made when the model is built with
 ``moe_enable_routing_replay``). Routes are kept per sample, ``[tokens, MoE layers, top-k]``, so a training
 micro-batch may pack other samples together than the log-prob pass did (``--log-probs-max-tokens-per-gpu``,
-dynamic batching, several optimizer steps per rollout).
+dynamic batching, several optimizer steps per rollout). Under full activation recomputation the backward pass runs
+each training forward's routers again: they replay the same routes (megatron-core's backward-replay stage, in the
+order the forwards ran, which is the order their backwards run in, 1F1B included).
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from trainer.backends.megatron_backend import context_parallel
 class RoutingReplay:
     """The recorded routes of this rank's samples of one rollout, and the record/replay switch of each forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, replay_in_backward: bool = False) -> None:
         self.routes: dict[int, torch.Tensor] = {}
         self.mode: str | None = None
+        # Full recomputation: the backward pass recomputes the forwards, routers included.
+        self.replay_in_backward = replay_in_backward
 
     @staticmethod
     def forget_routers() -> None:
@@ -54,6 +58,11 @@ class RoutingReplay:
         try:
             yield
         finally:
+            if self.mode == "replay" and self.replay_in_backward:
+                from megatron.core.transformer.moe.router_replay import RouterReplay
+
+                RouterReplay.clear_global_indices()
+                RouterReplay.clear_global_router_replay_action()
             self.mode = None
             self.routes.clear()
 
@@ -117,5 +126,10 @@ class RoutingReplay:
                 for i, part in zip(positions, routes.split(lengths), strict=True):
                     self.routes[i] = part
         finally:
-            RouterReplay.clear_global_indices()
-            RouterReplay.clear_global_router_replay_action()
+            if self.mode == "replay" and self.replay_in_backward:
+                # Kept for the backward pass: each router's replay list holds this forward's routes behind those
+                # of earlier forwards whose backwards have not run yet.
+                RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+            else:
+                RouterReplay.clear_global_indices()
+                RouterReplay.clear_global_router_replay_action()

@@ -142,6 +142,8 @@ class MegatronTrainWorker(TrainWorker):
         self.offloaded = False
         self.compute_dtype = torch.bfloat16 if args.bf16 else None
         self.config = mg_model.transformer_config(self.arch, args)
+        if self.routing is not None:
+            self.routing.replay_in_backward = self.config.recompute_granularity == "full"
         self.steps_per_rollout = args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
         total_steps = args.num_rollout * self.steps_per_rollout if args.num_rollout else None
         self.optim_config = OptimizerConfig.from_args(args, role=role, total_steps=total_steps)
