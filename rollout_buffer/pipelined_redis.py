@@ -11,6 +11,8 @@ import asyncio
 import collections
 import hashlib
 import logging
+import select
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +40,26 @@ class _Protocol(asyncio.Protocol):
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._poll: select.poll | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+
+    def wait_readable(self, seconds: float) -> bool:
+        """Busy-wait up to ``seconds`` until the socket has data (or is closed), without reading it: the event
+        loop's next poll then finds it at once. Whether it came in time."""
+        if self._poll is None or self.closed:
+            return False
+        poll = self._poll.poll
+        deadline = time.perf_counter() + seconds
+        while not poll(0):
+            if time.perf_counter() >= deadline:
+                return False
+        return True
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -66,7 +85,18 @@ class _Protocol(asyncio.Protocol):
 
 
 class PipelinedScript:
-    """``await script(args)`` runs EVALSHA of ``source`` with no keys and ``args``; replies are decoded to str."""
+    """``await script(args)`` runs EVALSHA of ``source`` with no keys and ``args``; replies are decoded to str.
+
+    ``await script(args, spin=True)``, for a caller with nothing else to do meanwhile: when it is the only call
+    in flight, wait for the reply by polling the socket for up to ``SPIN_S`` (the command is written at once,
+    the transport's buffer being empty) rather than sleeping in the event loop. Redis answers a write within
+    ~0.1 ms on loopback, and a sleep costs a wake-up in this process and in Redis (the reply's write has to wake
+    this one): with one client, writes went 10-15% faster so on the 2-core bench host, for 20-30 us more CPU per
+    write. Spins that time out often (a slow or remote Redis) turn spinning off for ``SPIN_OFF_S``.
+    """
+
+    SPIN_S = 0.0005
+    SPIN_OFF_S = 1.0
 
     def __init__(self, url: str, source: str):
         if not supports(url):
@@ -77,13 +107,18 @@ class PipelinedScript:
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._spin_off_until = 0.0
+        self._spin_misses = 0.0
 
-    async def __call__(self, args: Sequence[Any]) -> Any:
+    async def __call__(self, args: Sequence[Any], spin: bool = False) -> Any:
         command = hiredis.pack_command(("EVALSHA", self.sha, 0, *args))
         for attempt in range(RETRIES + 1):
             try:
                 protocol = await self._connection()
-                reply = await protocol.send(command)
+                waiter = protocol.send(command)
+                if spin and len(protocol.waiters) == 1:
+                    self._spin(protocol)
+                reply = await waiter
             except (ConnectionError, OSError, TimeoutError) as exc:
                 if attempt == RETRIES:
                     raise ConnectionError(f"Redis unreachable after {RETRIES} retries: {exc}") from exc
@@ -97,6 +132,19 @@ class PipelinedScript:
                 raise ResponseError(str(reply))
             return reply
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def _spin(self, protocol: _Protocol) -> None:
+        now = time.monotonic()
+        if now < self._spin_off_until:
+            return
+        if protocol.wait_readable(self.SPIN_S):
+            self._spin_misses = max(0.0, self._spin_misses - 0.1)
+            return
+        # A late reply now and then (a hiccup of the host) is no reason to stop; one spin in ten or more is.
+        self._spin_misses += 1
+        if self._spin_misses >= 3:
+            self._spin_off_until = now + self.SPIN_OFF_S
+            self._spin_misses = 0.0
 
     async def _connection(self) -> _Protocol:
         loop = asyncio.get_running_loop()

@@ -333,18 +333,24 @@ class _WriteCoalescer:
     """Group commit for one run's writes. The writes submitted while the event loop runs one round of ready
     callbacks (the requests that arrived together) go to Redis as segments of one call, sent when that round
     is over; while ``MAX_IN_FLIGHT`` calls are in flight, later writes wait and go together when one returns.
-    Each segment is still all-or-nothing and idempotent on its own."""
+    Each segment is still all-or-nothing and idempotent on its own.
+
+    A writer that has had the buffer to itself for ``SPIN_QUIET_S`` (each call one segment, sent with no other
+    call in flight or waiting) asks ``call`` to spin for its reply (``PipelinedScript``): the event loop has
+    nothing else to do meanwhile. Any overlap of writes stops that for ``SPIN_QUIET_S``."""
 
     MAX_SEGMENTS = 512
     # Two calls in flight keep the connection busy while one reply is on its way back.
     MAX_IN_FLIGHT = 2
+    SPIN_QUIET_S = 0.1
 
-    def __init__(self, call: Callable[[list[Any]], Awaitable[Any]], header: list[Any]):
+    def __init__(self, call: Callable[[list[Any], bool], Awaitable[Any]], header: list[Any]):
         self.call = call
         self.header = header
         self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
         self._in_flight = 0
         self._send_scheduled = False
+        self._crowded_at = -math.inf
         # The event loop keeps only weak references to tasks.
         self._calls: set[asyncio.Task[None]] = set()
 
@@ -362,17 +368,21 @@ class _WriteCoalescer:
         self._send_scheduled = False
         while self._pending and self._in_flight < self.MAX_IN_FLIGHT:
             batch, self._pending = self._pending[: self.MAX_SEGMENTS], self._pending[self.MAX_SEGMENTS :]
+            now = time.monotonic()
+            if len(batch) > 1 or self._pending or self._in_flight:
+                self._crowded_at = now
+            spin = now - self._crowded_at > self.SPIN_QUIET_S
             self._in_flight += 1
-            call = asyncio.get_running_loop().create_task(self._send(batch))
+            call = asyncio.get_running_loop().create_task(self._send(batch, spin))
             self._calls.add(call)
             call.add_done_callback(self._calls.discard)
 
-    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]], spin: bool) -> None:
         args = list(self.header)
         for segment, _ in batch:
             args += segment
         try:
-            replies = await self.call(args)
+            replies = await self.call(args, spin)
         except asyncio.CancelledError:
             # The event loop is shutting down: the writers' outcome is unknown, as after a lost connection.
             for _, future in batch:
@@ -532,13 +542,13 @@ class BufferStore:
         # Subscribed on the first wait: processes that never wait (writers, the trainer) hold no subscription.
         self.ready_signal = ReadySignal(redis_client, _READY_PATTERN)
         self._pipelined: PipelinedScript | None = None
-        self._write_call: Callable[[list[Any]], Awaitable[Any]]
+        self._write_call: Callable[[list[Any], bool], Awaitable[Any]]
         if redis_url is not None and pipelined_redis.supports(redis_url):
             self._pipelined = PipelinedScript(redis_url, _WRITE_LUA)
             self._write_call = self._pipelined
         else:
             script = redis_client.register_script(_WRITE_LUA)
-            self._write_call = lambda args: script(args=args)
+            self._write_call = lambda args, spin: script(args=args)
         self._coalescers: dict[str, _WriteCoalescer] = {}
         self._seal = redis_client.register_script(_SEAL_LUA)
         self._lease = redis_client.register_script(_LEASE_LUA)

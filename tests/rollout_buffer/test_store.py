@@ -14,6 +14,7 @@ from rollout_buffer.store import (
     BufferStore,
     StoreLimits,
     WriteStatus,
+    _WriteCoalescer,
 )
 from tests.rollout_buffer.helpers import new_item
 
@@ -130,6 +131,36 @@ async def test_concurrent_writes_go_to_redis_as_one_call_each_all_or_nothing(
     # The refused write left nothing behind, its uids included.
     assert (await store.stats("r")).items == 4
     assert (await store.write("r", [new_item("c", "g2")])).statuses == [STORED]
+    await store.aclose()
+
+
+async def test_a_lone_writer_spins_for_its_reply_and_overlapping_writers_do_not(
+    redis_client, redis_server, monkeypatch
+) -> None:
+    monkeypatch.setattr(_WriteCoalescer, "SPIN_QUIET_S", 0.5)
+    store = BufferStore(redis_client, StoreLimits(group_size=2), redis_url=redis_server.url)
+    spins: list[bool] = []
+    write_call = store._write_call
+
+    async def recording(args, spin):
+        spins.append(spin)
+        return await write_call(args, spin)
+
+    store._write_call = recording
+    assert (await store.write("r", [new_item("a", "g1")])).statuses == [STORED]
+    assert len((await store.write("r", [new_item("b", "g1")])).sealed) == 1
+    assert spins == [True, True]
+
+    # Writes that overlap go together and wait in the event loop, and so does a lone one soon after them.
+    results = await asyncio.gather(*(store.write("r", [new_item(u, "g2")]) for u in "cde"))
+    assert [r.statuses for r in results] == [[STORED]] * 3
+    assert (await store.write("r", [new_item("a", "g1")])).statuses == [DUP]
+    assert spins[2:] == [False, False]
+
+    await asyncio.sleep(0.55)
+    assert (await store.write("r", [new_item("f", "g3")])).statuses == [STORED]
+    assert spins[4:] == [True]
+    assert (await store.stats("r")).items == 6
     await store.aclose()
 
 
