@@ -191,7 +191,13 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, comman
         # recommends for asynchronous training.
         *(["--use-tis"] if command == "train-async" else []),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    if command == "train-async":
+        # The trainer trains while the engines generate: one core for it, the rest for the engines. `slime train`
+        # trains while they wait, on every core (as TRL does, in one process).
+        env["OMP_NUM_THREADS"] = "1"
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "services.cli", command, *flags], cwd=ROOT, env=env, check=True)
     total = time.perf_counter() - start

@@ -193,9 +193,8 @@ def _quiet_children() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    # One thread per process: two engines and the trainer share two cores, and oversubscribed thread pools slow
-    # all of them down.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # No OMP_NUM_THREADS: the stack gives each engine its share of the cores (--num-threads), and the trainer of a
+    # synchronous run trains while the engines wait, on every core.
 
 
 def _check_ready(args: Any) -> None:
