@@ -16,10 +16,12 @@ from trainer.data_packing import PackedBatch, pack_sequences, pack_shared_prompt
 MODEL = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "model"
 
 
-@pytest.fixture(params=["dense-row", "gathered"], autouse=True)
+@pytest.fixture(params=["blocks", "row-mask", "gathered"], autouse=True)
 def attention_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with short rows attended in one masked call, and with the gathered per-length calls that
-    longer rows use."""
+    """Every test runs with short rows attended in one masked call over their stacked blocks, with one row-wide
+    mask (what a one-block row gets), and with the gathered per-length calls that longer rows use."""
+    if request.param == "row-mask":
+        monkeypatch.setattr(model_lib, "_block_plan", lambda segments, device: None)
     if request.param == "gathered":
         monkeypatch.setattr(model_lib, "DENSE_ROW_TOKENS", 0)
     return request.param

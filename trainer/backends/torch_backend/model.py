@@ -39,7 +39,8 @@ def packed_sdpa_attention(
 
     A single block-diagonal T×T mask would make attention quadratic in the whole row and keep SDPA off its
     flash kernels; here the cost is Σ L_i² (plus Σ L_i·P_i for continuations), sequences of one length (a GRPO
-    group's prompts often are) share one kernel launch, and all continuations share one masked call.
+    group's prompts often are) share one kernel launch, and all continuations share one masked call. A row of at
+    most ``DENSE_ROW_TOKENS`` tokens is attended in one masked call over its blocks, stacked (``_block_plan``).
     ``query`` is ``[1, heads, T, head_dim]`` and the result ``[1, T, heads, head_dim]``, as transformers' SDPA
     returns it.
     """
@@ -51,9 +52,17 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     total = query.shape[2]
     if total <= DENSE_ROW_TOKENS and len(packed_segments) > 1:
-        return sdpa_attention_forward(
-            module, query, key, value, _row_mask(packed_segments, query.device), **kwargs
-        )
+        blocks = _block_plan(packed_segments, query.device)
+        if blocks is None:
+            return sdpa_attention_forward(
+                module, query, key, value, _row_mask(packed_segments, query.device), **kwargs
+            )
+        batch, heads, total, head_dim = query.shape
+        q, k, v = (t[0][:, blocks.index].transpose(0, 1) for t in (query, key, value))
+        attended = sdpa_attention_forward(module, q, k, v, blocks.mask, **kwargs)[0]
+        out = attended.new_empty(batch, total, heads, head_dim)
+        out[0, blocks.destinations] = attended[blocks.valid]
+        return out, None
     plan = _attention_plan(packed_segments, query.device)
     if plan.whole_row:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
@@ -77,8 +86,8 @@ def packed_sdpa_attention(
     return out, None
 
 
-# A row this short is attended in one call with a [T, T] mask: its gathers and scatters would cost more than the
-# attention that the mask wastes between segments.
+# A row this short is attended in one masked call over its blocks (``_block_plan``): the per-length gathers and
+# scatters of the longer rows' plan would cost more than the attention that the padding wastes.
 DENSE_ROW_TOKENS = 512
 
 
@@ -98,6 +107,56 @@ def _row_mask(segments: tuple[Segment, ...], device: torch.device) -> torch.Tens
     own = (segment_of[:, None] == segment_of[None, :]) & (cols <= rows)
     prefix = (cols >= prefix_start[:, None]) & (cols < prefix_end[:, None])
     return (own | prefix)[None, None].to(device)
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A short row's attention as one masked call over its blocks (a root segment and the continuations whose
+    prefix lies in it: a GRPO group's prompt and responses), padded to the longest: the masked call then costs
+    Σ blocks × longest² instead of the whole row squared."""
+
+    index: torch.Tensor  # [B, L] row positions of each block (padding repeats the block's first position)
+    mask: torch.Tensor  # [B, 1, L, L] True where a query may attend
+    valid: torch.Tensor  # [B, L] the real (not padding) positions
+    destinations: torch.Tensor  # row positions of the real positions, in ``valid``'s order
+
+
+@functools.lru_cache(maxsize=64)
+def _block_plan(segments: tuple[Segment, ...], device: torch.device) -> _Blocks | None:
+    """The row's blocks, or None when it is one block (the row's own mask is then as small)."""
+    roots = sorted((start, length) for start, length, _, p_length in segments if p_length == 0)
+    members: dict[int, list[tuple[int, int]]] = {start: [] for start, _ in roots}
+    for start, length, p_start, p_length in segments:
+        if p_length == 0:
+            members[start].append((start, length))
+            continue
+        owner = next((r for r, n in roots if r <= p_start and p_start + p_length <= r + n), None)
+        if owner is None:
+            return None  # a prefix that is no root's: keep the row mask
+        members[owner].append((start, length))
+    if len(members) < 2:
+        return None
+    positions = [
+        torch.cat([torch.arange(start, start + length) for start, length in sorted(parts)])
+        for parts in members.values()
+    ]
+    longest = max(len(p) for p in positions)
+    index = torch.zeros(len(positions), longest, dtype=torch.long)
+    valid = torch.zeros(len(positions), longest, dtype=torch.bool)
+    for b, p in enumerate(positions):
+        index[b, : len(p)] = p
+        index[b, len(p) :] = p[0]
+        valid[b, : len(p)] = True
+    row_mask = _row_mask(segments, torch.device("cpu"))[0, 0]
+    mask = row_mask[index[:, :, None], index[:, None, :]] & valid[:, None, :]
+    # A padding query attends to its block's first key, so that its (discarded) softmax stays finite.
+    mask[:, :, 0] |= ~valid
+    return _Blocks(
+        index=index.to(device),
+        mask=mask[:, None].to(device),
+        valid=valid.to(device),
+        destinations=index[valid].to(device),
+    )
 
 
 @dataclass(frozen=True)
