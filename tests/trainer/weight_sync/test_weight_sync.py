@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from services.core.net import free_port, wait_http_ok
+from tests.engine_servers import engine_process
 from tests.trainer.helpers import random_batch, trainer_args
 from trainer.backends.batch import RolloutBatch
 from trainer.backends.torch_backend import TorchTrainer
@@ -43,26 +44,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def engine_url(tiny_model_dir) -> Iterator[str]:
-    port = free_port()
-    proc = _serve(
-        [
-            sys.executable,
-            "-m",
-            "services.rollout_engine.server",
-            "--hf-checkpoint",
-            str(tiny_model_dir),
-            "--port",
-            str(port),
-            "--num-threads",
-            "1",
-            "--engine-backend",
-            "builtin",
-        ],
-        f"http://127.0.0.1:{port}/health",
-    )
-    yield f"http://127.0.0.1:{port}"
-    _stop(proc)
+def engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
+    with engine_process(
+        tiny_model_dir, tmp_path_factory.mktemp("engine"), "--engine-backend", "builtin"
+    ) as engine:
+        yield engine.url
 
 
 @pytest.fixture(scope="module")
@@ -184,14 +170,14 @@ def test_first_step_on_engine_rollouts_is_exactly_on_policy(tiny_model_dir, engi
 
 
 @pytest.fixture(scope="module")
-def on_policy_engine_url(tiny_model_dir) -> Iterator[str]:
+def on_policy_engine_url(tiny_model_dir, tmp_path_factory) -> Iterator[str]:
     """An engine in true on-policy mode (what ``--true-on-policy-mode`` starts), on two threads (the trainer: one)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "services.rollout_engine.server", "--hf-checkpoint", str(tiny_model_dir)]
-    argv += ["--port", str(port), "--num-threads", "2", "--engine-backend", "builtin"]
-    proc = _serve([*argv, "--sglang-rl-on-policy-target", "fsdp"], f"http://127.0.0.1:{port}/health")
-    yield f"http://127.0.0.1:{port}"
-    _stop(proc)
+    with engine_process(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("on_policy_engine"),
+        "--num-threads", "2", "--engine-backend", "builtin", "--sglang-rl-on-policy-target", "fsdp",
+    ) as engine:  # fmt: skip
+        yield engine.url
 
 
 PROBE = [7, 3, 250, 12, 40, 41]
