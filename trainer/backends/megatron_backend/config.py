@@ -154,6 +154,15 @@ def check_megatron_args(args: Any, arch: Architecture) -> None:
         )
 
 
+def pipeline_split_flags(args: Any) -> tuple[int | None, int | None]:
+    """``--decoder-first-pipeline-num-layers`` and ``--decoder-last-pipeline-num-layers`` (Megatron pass-through
+    flags; None when not given)."""
+    return (
+        getattr(args, "decoder_first_pipeline_num_layers", None),
+        getattr(args, "decoder_last_pipeline_num_layers", None),
+    )
+
+
 def recompute_config_kwargs(args: Any, layers_per_stage: int | None = None) -> dict[str, Any]:
     """megatron-core ``TransformerConfig``'s activation-recomputation fields from slime's (Megatron's) flags.
 
@@ -234,5 +243,6 @@ __all__ = [
     "architecture_from_hf",
     "check_megatron_args",
     "padded_vocab_size",
+    "pipeline_split_flags",
     "recompute_config_kwargs",
 ]

@@ -33,7 +33,11 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 
 from trainer.backends.megatron_backend import context_parallel as cp
 from trainer.backends.megatron_backend import convert
-from trainer.backends.megatron_backend.config import Architecture, recompute_config_kwargs
+from trainer.backends.megatron_backend.config import (
+    Architecture,
+    pipeline_split_flags,
+    recompute_config_kwargs,
+)
 from trainer.data_packing import PackedBatch
 
 logger = logging.getLogger(__name__)
@@ -192,15 +196,6 @@ def initialize_parallel(
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def pipeline_split_flags(args: Any) -> tuple[int | None, int | None]:
-    """``--decoder-first-pipeline-num-layers`` and ``--decoder-last-pipeline-num-layers`` (Megatron pass-through
-    flags; None when not given)."""
-    return (
-        getattr(args, "decoder_first_pipeline_num_layers", None),
-        getattr(args, "decoder_last_pipeline_num_layers", None),
-    )
 
 
 def stage_layers(config: TransformerConfig, pp_rank: int) -> range:

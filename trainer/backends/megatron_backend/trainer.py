@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from trainer.backends.megatron_backend.config import recompute_config_kwargs
+from trainer.backends.megatron_backend import convert
+from trainer.backends.megatron_backend.config import pipeline_split_flags, recompute_config_kwargs
 from trainer.backends.torch_backend.group import WorkerGroup
 from trainer.backends.torch_backend.trainer import TorchTrainer
 from trainer.backends.torch_backend.worker import ACTOR, CRITIC
@@ -70,16 +71,9 @@ def check_parallelism(args: Any) -> None:
                 "--pipeline-model-parallel-size stages evenly or by --decoder-first-pipeline-num-layers / "
                 "--decoder-last-pipeline-num-layers, and runs the non-interleaved (1F1B) schedule"
             )
-    first, last = (
-        getattr(args, "decoder_first_pipeline_num_layers", None),
-        getattr(args, "decoder_last_pipeline_num_layers", None),
-    )
+    first, last = pipeline_split_flags(args)
     if (first is not None or last is not None) and args.pipeline_model_parallel_size == 1:
-        flag = (
-            "--decoder-first-pipeline-num-layers"
-            if first is not None
-            else "--decoder-last-pipeline-num-layers"
-        )
+        flag = convert.FIRST_STAGE_FLAG if first is not None else convert.LAST_STAGE_FLAG
         raise ValueError(f"{flag} needs --pipeline-model-parallel-size above 1")
     recompute_config_kwargs(args)
     tp, pp, ep = (

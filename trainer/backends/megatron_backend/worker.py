@@ -40,7 +40,11 @@ from trainer.algorithms.tis import load_tis_function
 from trainer.backends.batch import RolloutBatch
 from trainer.backends.megatron_backend import context_parallel, convert, torch_format
 from trainer.backends.megatron_backend import model as mg_model
-from trainer.backends.megatron_backend.config import architecture_from_hf, check_megatron_args
+from trainer.backends.megatron_backend.config import (
+    architecture_from_hf,
+    check_megatron_args,
+    pipeline_split_flags,
+)
 from trainer.backends.megatron_backend.routing_replay import RoutingReplay
 from trainer.backends.torch_backend import model as model_lib
 from trainer.backends.torch_backend.optim import LRSchedule, OptimizerConfig
@@ -129,7 +133,7 @@ class MegatronTrainWorker(TrainWorker):
         )
         self.shape = self.arch.shape
         check_megatron_args(args, self.arch)
-        first, last = mg_model.pipeline_split_flags(args)
+        first, last = pipeline_split_flags(args)
         convert.check_tp_compatible(self.shape, tp)
         convert.stage_layers(self.shape.num_layers, pp, self.pp_rank, first=first, last=last)
         if args.use_routing_replay and not self.shape.num_experts:
