@@ -34,11 +34,21 @@ class RolloutTask:
     weight_version: int | str | None = None
     task_type: str = ""
     evaluation: bool = False
+    # Which start of the run's driver submitted it (0 for the first): a driver that resumes from a checkpoint
+    # generates its rollouts again, and what its killed predecessor generated and trained on (acknowledged, so
+    # gone from the buffer) must not count as already written.
+    attempt: int = 0
+
+    @property
+    def generation(self) -> str:
+        """The rollout (and, after a restart, the driver's attempt) this task generates for."""
+        return f"{self.rollout_id}" if self.attempt == 0 else f"{self.rollout_id}.{self.attempt}"
 
     @property
     def token(self) -> str:
-        """Identity of this task's result: a retried task writes nothing new, a later rollout's task does."""
-        return f"{self.group_id}@{self.rollout_id}"
+        """Identity of this task's result: a retried task writes nothing new, a later rollout's task (or a restarted
+        driver's) does."""
+        return f"{self.group_id}@{self.generation}"
 
     def to_fields(self) -> dict[str, str]:
         body = {
@@ -49,6 +59,7 @@ class RolloutTask:
             "weight_version": self.weight_version,
             "task_type": self.task_type,
             "evaluation": self.evaluation,
+            "attempt": self.attempt,
         }
         return {TASK_FIELD: orjson.dumps(body).decode()}
 
@@ -83,6 +94,9 @@ class RolloutTask:
         params = body.get("sampling_params") or {}
         if not isinstance(params, dict):
             raise BadTask("task.sampling_params: must be an object of SGLang sampling parameters")
+        attempt = body.get("attempt", 0)
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+            raise BadTask(f"task.attempt: must be a non-negative integer, got {attempt!r}")
         weight_version = body.get("weight_version")
         if weight_version is not None and not isinstance(weight_version, int | str):
             raise BadTask("task.weight_version: must be an integer, a string or null")
@@ -94,6 +108,7 @@ class RolloutTask:
             weight_version=weight_version,
             task_type=str(body.get("task_type") or ""),
             evaluation=bool(body.get("evaluation", False)),
+            attempt=attempt,
         )
 
 

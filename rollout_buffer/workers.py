@@ -308,7 +308,7 @@ class RolloutWorker:
         items = [
             NewItem(
                 # The rollout id in the idempotency key: a partial sample continued in a later rollout is new.
-                uid=f"{sample.uid}@{task.rollout_id}",
+                uid=f"{sample.uid}@{task.generation}",
                 instance_id=task.group_id,
                 payload=orjson.dumps(sample.to_dict()),
                 kind=KIND_SAMPLE,

@@ -19,6 +19,7 @@ import httpx
 
 from services.core.async_runner import AsyncRunner
 from services.core.plugins import load_function
+from services.core.redis_util import key as redis_key
 from services.core.redis_util import redis_from_url
 from services.core.sample import Sample
 from trainer.data import DatasetKeys, PromptDataset, RolloutDataSource
@@ -209,6 +210,9 @@ class RLRun:
             tokenizer=self.tokenizer,
         )
         set_context(self.context)
+        self.context.attempt = (
+            self.runner.run(self.context.redis.incr(redis_key(args.run_id, "driver", "starts"))) - 1
+        )
         self._take_back_leases()
         for name, url in addresses.metrics_urls().items():
             logger.info("metrics: %-15s %s", name, url)

@@ -15,10 +15,11 @@ import pytest
 from rollout_buffer import metrics
 from rollout_buffer.arguments import parse_args
 from rollout_buffer.store import BufferStore, StoreLimits
-from rollout_buffer.tasks import RolloutTask, submit_tasks, task_queue
+from rollout_buffer.tasks import BadTask, RolloutTask, submit_tasks, task_queue
 from rollout_buffer.workers import RolloutWorker
 from services.core.embedded_redis import EmbeddedRedis
 from services.core.net import free_port
+from services.core.redis_util import key
 from services.core.sample import Sample
 from services.core.supervisor import ServiceProcess
 
@@ -316,3 +317,29 @@ async def test_a_seeded_group_gives_each_sample_its_own_seed(
     first, again = await answers("seeded-a"), await answers("seeded-b")
     assert len(set(first)) > 1  # not one answer four times
     assert first == again  # and the same four answers for the same seed
+
+
+async def test_a_restarted_driver_generates_again_what_its_predecessor_trained_on(
+    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client
+) -> None:
+    """A group written and acknowledged (trained on) by a driver that then died before its checkpoint: the same task
+    retried is already done, but the resuming driver's (the next attempt) is generated and stored anew."""
+    args = parse_args(_worker_argv(stack, redis_server.url))
+    store = BufferStore(redis_client, StoreLimits())
+    first = await _roll_out(args, store, redis_client, _task(7, max_new_tokens=4))
+    assert (
+        len(first) == 2
+        and await redis_client.exists(*(key("default", "buf", "uid", f"g7-s{i}@0") for i in range(2))) == 2
+    )
+    retried = _task(7, max_new_tokens=4)
+    assert await store.group_done("default", retried.token)
+
+    resumed = _task(7, max_new_tokens=4)
+    resumed.attempt = 1
+    assert resumed.token == "g7@0.1" and not await store.group_done("default", resumed.token)
+    again = await _roll_out(args, store, redis_client, resumed)
+    assert len(again) == 2
+    assert await redis_client.exists(*(key("default", "buf", "uid", f"g7-s{i}@0.1") for i in range(2))) == 2
+    assert RolloutTask.from_fields(resumed.to_fields()).attempt == 1
+    with pytest.raises(BadTask, match="task.attempt: must be a non-negative integer"):
+        RolloutTask.from_fields({"task": '{"group_id": "g", "samples": [{}], "attempt": -1}'})

@@ -86,6 +86,8 @@ class RolloutContext:
     train_buffer: BufferClient
     eval_buffer: BufferClient
     weight_version: int = 0
+    # This start of the run's driver, counted in Redis (0 for the first): see ``RolloutTask.attempt``.
+    attempt: int = 0
     pending_acks: dict[int, list[str]] = field(default_factory=dict)
     eval_datasets: dict[str, PromptDataset] = field(default_factory=dict)
     tokenizer: Any = None
@@ -165,6 +167,7 @@ async def _generate_train(
                     sampling_params=params,
                     weight_version=ctx.weight_version,
                     task_type=args.rollout_task_type,
+                    attempt=ctx.attempt,
                 )
                 for group in groups
             ]
@@ -278,6 +281,7 @@ async def _eval_one(
                 weight_version=ctx.weight_version,
                 task_type=args.rollout_task_type,
                 evaluation=True,
+                attempt=ctx.attempt,
             )
         )
     await submit_tasks(ctx.redis, args.run_id, tasks)
