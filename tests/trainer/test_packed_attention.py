@@ -89,6 +89,30 @@ def test_packed_row_under_bf16_autocast(policy: torch.nn.Module) -> None:
     torch.testing.assert_close(packed[5:14].float(), alone.float(), rtol=0.05, atol=0.05)
 
 
+def test_cpu_autocast_attends_in_float32(policy: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast the packed attention calls SDPA in float32 (CPU's bf16 flash backward is several
+    times slower than its float32 one) and hands bf16 back to the bf16 output projection."""
+    import torch.nn.functional as F
+
+    seen: list[tuple[torch.dtype, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - SDPA's signature
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids, positions, bounds = _row([5, 9, 5], seed=7)
+    policy.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = policy(input_ids=ids, position_ids=positions, packed_seq_bounds=bounds).logits[0]
+    logits.float().pow(2).mean().backward()
+    assert seen and set(seen) == {(torch.float32, False)}
+    assert logits.dtype == torch.bfloat16
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters())
+    policy.zero_grad()
+
+
 def _grouped_samples(seed: int) -> tuple[list[list[int]], list[int]]:
     """Three groups of samples sharing a prompt (responses of several lengths) and one sample alone."""
     generator = torch.Generator().manual_seed(seed)

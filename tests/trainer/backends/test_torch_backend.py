@@ -316,3 +316,31 @@ def test_the_old_policy_pass_runs_when_the_training_forward_cannot_stand_in(tiny
     _, forwards, _ = _train_counting_forwards(args, random_batch(8, seed=15))
     # The old policy's pass, training and (with --kl-coef) the reference pass, four micro-batches each.
     assert forwards == 4 * passes
+
+
+def test_rollout_metrics_are_means_of_each_samples_masked_mean(tiny_model_dir):
+    """rollout/* keys: the mean over samples of each sample's mean over its unmasked response tokens."""
+    batch = random_batch(8, seed=5, response=(1, 6))
+    expected_log_probs = hf_log_probs(tiny_model_dir, batch, temperature=1.0)
+    # The engine's log-probs, made to differ from the trainer's by a known amount per token.
+    batch.rollout_log_probs = [
+        (lp + 0.01 * torch.arange(1, len(lp) + 1)).tolist() for lp in expected_log_probs
+    ]
+    masks = [torch.tensor(m, dtype=torch.float64) for m in batch.loss_masks]
+    assert any(m.min() == 0 for m in masks)
+
+    def mean_of_masked_means(values: list[torch.Tensor]) -> float:
+        return sum(float((v.double() * m).sum() / m.sum()) for v, m in zip(values, masks, strict=True)) / len(
+            masks
+        )
+
+    args = trainer_args(tiny_model_dir, "--use-tis", "--micro-batch-size", "3", "--global-batch-size", "8")
+    with TorchTrainer(args) as trainer:
+        result = trainer.train_step(batch, rollout_id=0)
+    rollout = [torch.tensor(lp) for lp in batch.rollout_log_probs]
+    assert result.rollout["rollout_log_probs"] == pytest.approx(mean_of_masked_means(rollout), abs=1e-9)
+    assert result.rollout["log_probs"] == pytest.approx(mean_of_masked_means(expected_log_probs), abs=1e-5)
+    diffs = [0.01 * torch.arange(1, len(lp) + 1, dtype=torch.float64) for lp in expected_log_probs]
+    assert result.rollout["train_rollout_logprob_abs_diff"] == pytest.approx(
+        mean_of_masked_means(diffs), abs=1e-5
+    )

@@ -44,6 +44,17 @@ def packed_sdpa_attention(
     ``query`` is ``[1, heads, T, head_dim]`` and the result ``[1, T, heads, head_dim]``, as transformers' SDPA
     returns it.
     """
+    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU autocast would run SDPA in bf16, whose flash backward is several times slower on CPU than float32's;
+        # the projections around it keep their bf16 matrix products.
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, _ = packed_sdpa_attention(
+                module, query.float(), key.float(), value.float(), attention_mask,
+                packed_seq_bounds, packed_segments, **kwargs,
+            )  # fmt: skip
+        return out.to(torch.get_autocast_dtype("cpu")), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if packed_segments is None and packed_seq_bounds is not None:
@@ -57,33 +68,49 @@ def packed_sdpa_attention(
             return sdpa_attention_forward(
                 module, query, key, value, _row_mask(packed_segments, query.device), **kwargs
             )
-        batch, heads, total, head_dim = query.shape
-        q, k, v = (t[0][:, blocks.index].transpose(0, 1) for t in (query, key, value))
+        q, k, v = (_gather_rows(t, blocks.index) for t in (query, key, value))
         attended = sdpa_attention_forward(module, q, k, v, blocks.mask, **kwargs)[0]
-        out = attended.new_empty(batch, total, heads, head_dim)
-        out[0, blocks.destinations] = attended[blocks.valid]
-        return out, None
+        return _scatter_rows([attended], blocks.source), None
     plan = _attention_plan(packed_segments, query.device)
     if plan.whole_row:
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
-    batch, heads, total, head_dim = query.shape
-    out: torch.Tensor | None = None
+    pieces = []
     for positions in plan.roots:
-        q, k, v = (t[0][:, positions].transpose(0, 1) for t in (query, key, value))
-        attended = sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
-        if out is None:
-            # SDPA's dtype, which under autocast need not be the query's.
-            out = attended.new_empty(batch, total, heads, head_dim)
-        out[0, positions.reshape(-1)] = attended.reshape(-1, heads, head_dim)
+        q, k, v = (_gather_rows(t, positions) for t in (query, key, value))
+        pieces.append(sdpa_attention_forward(module, q, k, v, None, **kwargs)[0])
     if plan.continuations is not None:
         cont = plan.continuations
-        q = query[0][:, cont.query_index].transpose(0, 1)
-        k, v = (t[0][:, cont.key_index].transpose(0, 1) for t in (key, value))
-        attended = sdpa_attention_forward(module, q, k, v, cont.mask, **kwargs)[0]
-        if out is None:
-            out = attended.new_empty(batch, total, heads, head_dim)
-        out[0, cont.destinations] = attended[cont.valid]
-    return out, None
+        q = _gather_rows(query, cont.query_index)
+        k, v = (_gather_rows(t, cont.key_index) for t in (key, value))
+        pieces.append(sdpa_attention_forward(module, q, k, v, cont.mask, **kwargs)[0])
+    return _scatter_rows(pieces, plan.source), None
+
+
+def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[1, heads, T, head_dim]`` to ``[n, heads, L, head_dim]``: the rows ``index`` (``[n, L]``) names.
+
+    ``index_select`` rather than advanced indexing: its backward is an ``index_add``, where advanced indexing's is
+    an accumulating ``index_put``, several times slower on CPU."""
+    return t[0].index_select(1, index.reshape(-1)).unflatten(1, index.shape).transpose(0, 1)
+
+
+def _scatter_rows(pieces: list[torch.Tensor], source: torch.Tensor) -> torch.Tensor:
+    """The ``[1, T, heads, head_dim]`` row from SDPA's outputs (each ``[n, L, heads, head_dim]``): row ``r`` is
+    element ``source[r]`` of the pieces flattened end to end (padding positions are never picked)."""
+    flat = [p.reshape(-1, *p.shape[2:]) for p in pieces]
+    flat = flat[0] if len(flat) == 1 else torch.cat(flat)
+    return flat.index_select(0, source).unsqueeze(0)
+
+
+def _source_of(destinations: torch.Tensor, total: int) -> torch.Tensor:
+    """For each of ``total`` row positions, where it lies in ``destinations`` (the row position of every element of
+    the flattened pieces, -1 for padding). Every row position must appear exactly once."""
+    real = destinations >= 0
+    if int(real.sum()) != total or torch.unique(destinations[real]).numel() != total:
+        raise ValueError("packed segments must cover every position of the row exactly once")
+    source = torch.empty(total, dtype=torch.long)
+    source[destinations[real]] = torch.arange(destinations.numel())[real]
+    return source
 
 
 # A row this short is attended in one masked call over its blocks (``_block_plan``): the per-length gathers and
@@ -117,8 +144,7 @@ class _Blocks:
 
     index: torch.Tensor  # [B, L] row positions of each block (padding repeats the block's first position)
     mask: torch.Tensor  # [B, 1, L, L] True where a query may attend
-    valid: torch.Tensor  # [B, L] the real (not padding) positions
-    destinations: torch.Tensor  # row positions of the real positions, in ``valid``'s order
+    source: torch.Tensor  # [T] for each row position, its place in the flattened [B, L] output
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,11 +177,11 @@ def _block_plan(segments: tuple[Segment, ...], device: torch.device) -> _Blocks 
     mask = row_mask[index[:, :, None], index[:, None, :]] & valid[:, None, :]
     # A padding query attends to its block's first key, so that its (discarded) softmax stays finite.
     mask[:, :, 0] |= ~valid
+    total = max(start + length for start, length, _, _ in segments)
     return _Blocks(
         index=index.to(device),
         mask=mask[:, None].to(device),
-        valid=valid.to(device),
-        destinations=index[valid].to(device),
+        source=_source_of(torch.where(valid, index, -1).reshape(-1), total).to(device),
     )
 
 
@@ -166,8 +192,6 @@ class _Continuations:
     query_index: torch.Tensor  # [n, Lq] row positions of the queries (padding repeats position 0)
     key_index: torch.Tensor  # [n, Lk] the prefix's positions, then the segment's own
     mask: torch.Tensor  # [n, 1, Lq, Lk] True where a query may attend
-    valid: torch.Tensor  # [n, Lq] the real (not padding) queries
-    destinations: torch.Tensor  # row positions of the real queries, in ``valid``'s order
 
 
 @dataclass(frozen=True)
@@ -175,6 +199,8 @@ class _AttentionPlan:
     whole_row: bool  # one root segment covering the row: plain causal attention
     roots: list[torch.Tensor]  # per length, the [n, L] positions of the root segments of that length
     continuations: _Continuations | None
+    # [T] for each row position, its place in the attention outputs flattened end to end (roots, continuations)
+    source: torch.Tensor | None
 
 
 def _segments_of_bounds(bounds: tuple[int, ...]) -> tuple[Segment, ...]:
@@ -197,8 +223,11 @@ def _attention_plan(segments: tuple[Segment, ...], device: torch.device) -> _Att
         for length, starts in starts_by_length.items()
     ]
     whole_row = not continuations and len(roots) == 1 and roots[0].shape[0] == 1 and segments[0][0] == 0
+    total = max(start + length for start, length, _, _ in segments)
+    root_rows = [r.reshape(-1).cpu() for r in roots]
     if not continuations:
-        return _AttentionPlan(whole_row, roots, None)
+        source = None if whole_row else _source_of(torch.cat(root_rows), total).to(device)
+        return _AttentionPlan(whole_row, roots, None, source)
     q_len = max(length for _, length, _, _ in continuations)
     p_len = max(prefix for _, _, _, prefix in continuations)
     n = len(continuations)
@@ -216,16 +245,14 @@ def _attention_plan(segments: tuple[Segment, ...], device: torch.device) -> _Att
         # A padding query attends to one key, so that its (discarded) softmax stays finite in both passes.
         mask[j, 0, length:, 0] = True
         valid[j, :length] = True
+    destinations = torch.cat([*root_rows, torch.where(valid, query_index, -1).reshape(-1)])
     return _AttentionPlan(
         whole_row,
         roots,
         _Continuations(
-            query_index=query_index.to(device),
-            key_index=key_index.to(device),
-            mask=mask.to(device),
-            valid=valid.to(device),
-            destinations=query_index[valid].to(device),
+            query_index=query_index.to(device), key_index=key_index.to(device), mask=mask.to(device)
         ),
+        _source_of(destinations, total).to(device),
     )
 
 
