@@ -49,7 +49,9 @@ def demo_flags(quickstart_dir: Path = QUICKSTART_DIR) -> list[str]:
         # The longest answer, "\boxed{198}" and the end-of-turn token, is 7 tokens.
         "--rollout-max-response-len", "8",
         "--rollout-temperature", "1.0",
-        "--micro-batch-size", "32",
+        # The whole rollout in one packed micro-batch (the same loss as smaller ones: gradients are accumulated
+        # over a step's micro-batches anyway): a small model's step costs per operation, not per token.
+        "--micro-batch-size", "128",
         # The KL loss to the warm start keeps the policy near the model the held-out problems were measured on.
         "--use-kl-loss",
         "--kl-loss-coef", "0.05",
