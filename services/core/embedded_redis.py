@@ -112,9 +112,7 @@ class EmbeddedRedis:
                 self.unix_socket = candidate
                 self._tcp = port is not None
             else:
-                logger.info(
-                    "%s is too long for a unix socket address; redis-server listens on TCP", candidate
-                )
+                logger.info("%s is too long for a unix socket address; redis-server listens on TCP", candidate)
         self._proc: subprocess.Popen[bytes] | None = None
         _LIVE.add(self)
         try:
