@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -301,13 +300,6 @@ def main() -> int:
     parser.add_argument(
         "--http-workers", type=int, nargs="+", default=[1, 2], help="Durable variants: API processes of each."
     )
-    parser.add_argument(
-        "--unix-socket-workers",
-        type=int,
-        nargs="*",
-        default=[1],
-        help="Durable variants over Redis' unix socket (a single-host deployment): API processes of each.",
-    )
     parser.add_argument("--serve-baseline", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_baseline is not None:
@@ -318,14 +310,7 @@ def main() -> int:
     baseline_name = "in-memory (slime design)"
     results: dict[tuple[str, int], LoadResult] = {}
     acknowledged = 0
-    # One redis-server listening on a loopback TCP port and on a unix socket in its directory.
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-redis-") as socket_dir,
-        EmbeddedRedis(
-            port=free_port(), unix_socket=Path(socket_dir) / "redis.sock", appendonly=True
-        ) as redis_server,
-    ):
-        tcp_url = f"redis://127.0.0.1:{redis_server.port}/0"
+    with EmbeddedRedis(appendonly=True) as redis_server:
         targets: list[tuple[str, int, subprocess.Popen, list[int]]] = []
         try:
             port = free_port()
@@ -333,12 +318,12 @@ def main() -> int:
                 [sys.executable, __file__, "--serve-baseline", str(port)], f"http://127.0.0.1:{port}/docs"
             )
             targets.append((baseline_name, port, process, [process.pid]))
-            variants = [(w, tcp_url, "") for w in args.http_workers]
-            variants += [(w, redis_server.url, ", unix socket") for w in args.unix_socket_workers]
-            for workers, url, how in variants:
+            for workers in args.http_workers:
                 port = free_port()
-                process = _start(_durable_argv(url, port, workers), f"http://127.0.0.1:{port}/health")
-                name = f"durable, {workers} API process{'es' if workers > 1 else ''}{how}"
+                process = _start(
+                    _durable_argv(redis_server.url, port, workers), f"http://127.0.0.1:{port}/health"
+                )
+                name = f"durable, {workers} API process{'es' if workers > 1 else ''}"
                 targets.append((name, port, process, [process.pid, redis_server.pid]))
             for round_ in range(args.rounds):
                 for concurrency in args.concurrency:
@@ -350,7 +335,7 @@ def main() -> int:
                         if name != baseline_name:
                             acknowledged += result.answered_ok
                         logger.info(
-                            "%-40s c=%-3d %7.0f traj/s  p50 %7.2f ms  p99 %7.2f ms  cpu %5.0f us/traj  errors %d",
+                            "%-28s c=%-3d %7.0f traj/s  p50 %7.2f ms  p99 %7.2f ms  cpu %5.0f us/traj  errors %d",
                             name,
                             concurrency,
                             result.per_second,

@@ -255,8 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if redis_url is None:
         from services.core.embedded_redis import EmbeddedRedis
 
-        # API processes and rollout workers run on this host: they reach it over a unix socket.
-        embedded = EmbeddedRedis(appendonly=True, dir=args.redis_dir, local_socket=True)
+        embedded = EmbeddedRedis(appendonly=True, dir=args.redis_dir)
         redis_url = embedded.url
         logger.info(
             "no --redis-url: started an embedded redis-server with AOF at %s (dir %s)",

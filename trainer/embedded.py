@@ -150,8 +150,7 @@ class EmbeddedStack:
     def start(self) -> StackAddresses:
         args = self.args
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        # Every service of the stack runs on this host: they reach Redis over a unix socket.
-        self.redis = EmbeddedRedis(dir=str(self.log_dir / "redis"), appendonly=True, local_socket=True)
+        self.redis = EmbeddedRedis(dir=str(self.log_dir / "redis"), appendonly=True)
         self.redis.start()
         redis_url = self.redis.url
         common = ["--redis-url", redis_url, "--run-id", args.run_id, "--log-level", "WARNING"]

@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 
 _PORT_ATTEMPTS = 5
 _LOG_NAME = "redis-server.log"
-_SOCKET_NAME = "redis.sock"
-# sun_path holds 108 bytes, the terminating NUL included.
-_UNIX_PATH_MAX = 107
 
 # Every instance until it is closed; the atexit hook below closes what is left.
 _LIVE: set[EmbeddedRedis] = set()
@@ -66,9 +63,7 @@ class EmbeddedRedis:
     """Start a ``redis-server`` on a free loopback port (or a unix socket) and own its lifetime.
 
     ``port``: TCP port; None picks a free one (kept across ``restart()``). ``unix_socket``: listen on this socket
-    path; with ``port=None`` TCP is then disabled. ``local_socket``: listen on ``redis.sock`` in ``dir`` instead of
-    a TCP port, when that path fits a unix socket address (TCP otherwise): for clients on the same host, a unix
-    socket round trip costs less kernel time than loopback TCP. ``appendonly``: AOF persistence, fsynced as ``appendfsync``
+    path; with ``port=None`` TCP is then disabled. ``appendonly``: AOF persistence, fsynced as ``appendfsync``
     says (``everysec`` by default, ``always`` or ``no``; RDB snapshots are always off). ``dir``: working directory for the AOF and the log; None makes a temporary
     one that ``close()`` removes.
 
@@ -86,7 +81,6 @@ class EmbeddedRedis:
         host: str = "127.0.0.1",
         startup_timeout: float = 10.0,
         appendfsync: str = "everysec",
-        local_socket: bool = False,
     ) -> None:
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, got {appendfsync!r}")
@@ -106,13 +100,6 @@ class EmbeddedRedis:
             self.dir = Path(dir).absolute()
             self.dir.mkdir(parents=True, exist_ok=True)
             self._owns_dir = False
-        if local_socket and unix_socket is None:
-            candidate = self.dir / _SOCKET_NAME
-            if len(os.fsencode(candidate)) <= _UNIX_PATH_MAX:
-                self.unix_socket = candidate
-                self._tcp = port is not None
-            else:
-                logger.info("%s is too long for a unix socket address; redis-server listens on TCP", candidate)
         self._proc: subprocess.Popen[bytes] | None = None
         _LIVE.add(self)
         try:

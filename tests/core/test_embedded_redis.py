@@ -88,30 +88,6 @@ def test_unix_socket_only(tmp_path: Path) -> None:
         assert client.config_get("port") == {"port": "0"}
 
 
-def test_local_socket_in_its_dir_survives_a_kill_and_restart(tmp_path: Path) -> None:
-    """``local_socket``: a unix socket in the data dir instead of TCP; a crash leaves the socket file behind and
-    the restarted server binds it again, keeping what the AOF had."""
-    with EmbeddedRedis(dir=tmp_path / "data", appendonly=True, local_socket=True) as server:
-        assert server.port is None
-        assert server.url == f"unix://{tmp_path / 'data' / 'redis.sock'}"
-        _client(server).set("k", "v")
-        time.sleep(1.2)  # appendfsync everysec
-        server.kill()
-        assert (tmp_path / "data" / "redis.sock").exists()
-        server.start()
-        client = _client(server)
-        assert client.get("k") == "v"
-        assert client.config_get("port") == {"port": "0"}
-
-
-def test_local_socket_falls_back_to_tcp_when_the_path_is_too_long(tmp_path: Path) -> None:
-    deep = tmp_path / ("d" * 60) / ("e" * 60)
-    with EmbeddedRedis(dir=deep, local_socket=True) as server:
-        assert server.unix_socket is None and server.port is not None
-        assert server.url.startswith("redis://127.0.0.1:")
-        assert _client(server).ping()
-
-
 def test_kill_then_restart_keeps_port_and_dir(redis_server: EmbeddedRedis) -> None:
     port, data_dir, first_pid = redis_server.port, redis_server.dir, redis_server.pid
     assert first_pid is not None
