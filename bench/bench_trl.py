@@ -65,6 +65,11 @@ class Result:
     seconds_per_step: float
     total_seconds: float
     accuracy_after: float
+    # slime's own breakdown of a step (medians over the steps after the first, from metrics.jsonl): generating and
+    # scoring the rollout, training on it, pushing the weights to the engines.
+    rollout_seconds: float | None = None
+    train_seconds: float | None = None
+    weight_sync_seconds: float | None = None
 
 
 def _per_step(stamps: list[float]) -> float:
@@ -213,7 +218,20 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, comman
         )
         for seed in EVAL_SEEDS
     )
-    return Result(f"slime {command} (embedded stack)", _per_step(stamps), total, score)
+
+    def median_of(key: str) -> float | None:
+        values = sorted(r[key] for r in records[1:] if key in r)
+        return values[len(values) // 2] if values else None
+
+    return Result(
+        f"slime {command} (embedded stack)",
+        _per_step(stamps),
+        total,
+        score,
+        rollout_seconds=median_of("perf/rollout_time"),
+        train_seconds=median_of("perf/train_time"),
+        weight_sync_seconds=median_of("perf/weight_sync_seconds"),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             f"{result.name:32} {result.seconds_per_step:>8.2f} {result.total_seconds:>8.1f} "
             f"{result.accuracy_after:>13.1%}"
+        )
+    for result in (slime_result, async_result):
+        parts = (
+            ("rollout", result.rollout_seconds),
+            ("train", result.train_seconds),
+            ("weight push", result.weight_sync_seconds),
+        )
+        rows.append(
+            f"{result.name}, median per step: "
+            + ", ".join(f"{n} {v:.3f} s" for n, v in parts if v is not None)
         )
     ratio = trl_result.seconds_per_step / slime_result.seconds_per_step
     async_ratio = trl_result.seconds_per_step / async_result.seconds_per_step
