@@ -207,6 +207,22 @@ class KVCache:
         shape = (cfg.num_layers, slots, cfg.num_kv_heads, context_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # What may have been written since the last reset: slots [:used_slots], positions [:used_len].
+        self.used_slots = 0
+        self.used_len = 0
+
+    def touch(self, slots: int, length: int) -> None:
+        """Note that writes may reach slots below ``slots`` at positions below ``length``."""
+        self.used_slots = max(self.used_slots, min(slots, self.slots))
+        self.used_len = max(self.used_len, min(length, self.context_len))
+
+    def reset(self) -> None:
+        """Zero what was written since the last reset (the whole cache is zeroed at creation): a masked position
+        then never holds a stale value, such as an inf or NaN of weights since replaced."""
+        if self.used_slots and self.used_len:
+            self.k[:, : self.used_slots, :, : self.used_len].zero_()
+            self.v[:, : self.used_slots, :, : self.used_len].zero_()
+        self.used_slots = self.used_len = 0
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

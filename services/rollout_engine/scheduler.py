@@ -167,8 +167,7 @@ class Scheduler:
         if self.waiting or self.prefilling or self.running:
             return False
         if self.kv is not None:
-            self.kv.k.zero_()
-            self.kv.v.zero_()
+            self.kv.reset()
         return True
 
     def release_memory(self, tags: list[str]) -> None:
@@ -354,6 +353,11 @@ class Scheduler:
         decode = list(self.running)
         if not decode and not segments:
             return
+        # Completing prompts join after the decode rows; a row writes below its sequence's length (slot moves on
+        # a finish go to lower slots, from higher ones already counted).
+        self.kv.touch(
+            len(decode) + len(completing), max((len(s.all_ids) for s in (*decode, *completing)), default=0)
+        )
         input_lp_rows: dict[str, tuple[int, int, int]] = {}
         if self.graphs is not None and not segments and self.graphs.supports(len(decode)):
             ids = [s.all_ids[-1] for s in decode]
