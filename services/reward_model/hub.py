@@ -20,7 +20,7 @@ from prometheus_client import Counter, Histogram
 from services.core.plugins import load_function
 from services.core.sample import Sample
 from services.reward_model.client import RemoteRewardClient, RemoteRewardError, RetryPolicy, ScoredReward
-from services.reward_model.graders import RULE_BASED, Reward, failure_reward, grade, split_boxed
+from services.reward_model.graders import RULE_BASED, Reward, failure_reward, grade, grade_many, split_boxed
 from services.reward_model.pool import GraderFailed, GraderPool, GraderTimeout, PoolClosed
 
 logger = logging.getLogger(__name__)
@@ -161,9 +161,7 @@ class RewardHub:
         """Each sample on its own; with --group-rm the custom function is a group function and sees the batch."""
         if getattr(self.args, "group_rm", False) and self.custom_function() is not None:
             return await self.score_group(samples, **kwargs)
-        for sample in samples:
-            self.resolve_type(sample, rm_type)
-        return list(await asyncio.gather(*(self.score(s, rm_type=rm_type, **kwargs) for s in samples)))
+        return await self._each(samples, rm_type, kwargs)
 
     async def score_group(
         self, samples: Sequence[Sample], *, rm_type: str | None = None, **kwargs: Any
@@ -171,15 +169,49 @@ class RewardHub:
         """slime's ``batched_async_rm``: the custom function called once with the list, else each sample alone."""
         custom = self.custom_function()
         if custom is None:
-            for sample in samples:
-                self.resolve_type(sample, rm_type)
-            return list(await asyncio.gather(*(self.score(s, rm_type=rm_type, **kwargs) for s in samples)))
+            return await self._each(samples, rm_type, kwargs)
         start = time.perf_counter()
         outcomes = await self._custom_group(custom, list(samples), kwargs)
         elapsed = time.perf_counter() - start
         for outcome in outcomes:
             self._record(CUSTOM, outcome, elapsed)
         return outcomes
+
+    async def _each(
+        self, samples: Sequence[Sample], rm_type: str | None, kwargs: dict[str, Any]
+    ) -> list[ScoredReward]:
+        """Each sample scored on its own; rule-based ones in as few grader round trips as there are workers."""
+        types = [self.resolve_type(sample, rm_type) for sample in samples]
+        if self.custom_function() is not None or any(split_boxed(t)[1] == REMOTE_RM for t in types):
+            return list(await asyncio.gather(*(self.score(s, rm_type=rm_type, **kwargs) for s in samples)))
+        outcomes: list[ScoredReward | None] = [None] * len(samples)
+        chunks = min(self.pool.num_workers, len(samples))
+
+        async def grade_chunk(indices: list[int]) -> None:
+            start = time.perf_counter()
+            items = [(types[i], samples[i].response or "", samples[i].label) for i in indices]
+            try:
+                values = await self.pool.run(grade_many, items)
+            except (GraderTimeout, GraderFailed):
+                # An item of the chunk hung or raised: grade each alone, so that only that one fails.
+                for i in indices:
+                    outcomes[i] = await self.score(samples[i], rm_type=types[i])
+                return
+            except PoolClosed as exc:
+                values = None
+                failure = f"shutting_down: {exc}"
+            seconds = (time.perf_counter() - start) / len(indices)
+            for k, i in enumerate(indices):
+                outcome = (
+                    ScoredReward(failure_reward(types[i]), failure)
+                    if values is None
+                    else ScoredReward(values[k])
+                )
+                self._record(types[i], outcome, seconds)
+                outcomes[i] = outcome
+
+        await asyncio.gather(*(grade_chunk(list(range(c, len(samples), chunks))) for c in range(chunks)))
+        return outcomes  # type: ignore[return-value]
 
     async def _rule_based(self, rm_type: str, sample: Sample) -> ScoredReward:
         try:

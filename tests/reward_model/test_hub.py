@@ -112,6 +112,35 @@ async def test_failing_graders_cost_only_their_item(pool: GraderPool) -> None:
     assert (await hub.score(sample("\\boxed{1}", "1"))).value == 1
 
 
+async def test_a_batch_takes_one_grader_round_trip_per_worker(pool: GraderPool) -> None:
+    """Rule-based items of a batch are split over the pool's workers, one message each, not one per item; a chunk
+    with an item that hangs or raises is graded again item by item, so that only that item fails."""
+    hub = RewardHub(parse_args(["--rm-type", "math"]), pool=pool)
+
+    def round_trips() -> float:
+        return REGISTRY.get_sample_value("slime_reward_model_grade_seconds_count") or 0.0
+
+    answers = [sample(f"\\boxed{{{k}}}", str(k if k % 3 else k + 1)) for k in range(16)]
+    before = round_trips()
+    outcomes = await hub.score_batch(answers)
+    assert [o.value for o in outcomes] == [0 if k % 3 == 0 else 1 for k in range(16)]
+    assert all(o.ok for o in outcomes)
+    assert round_trips() - before == 2  # the pool has two workers
+    assert [o.value for o in await hub.score_group(answers[:3])] == [0, 1, 1]
+
+    mixed = [*answers[:5], sample(HANGING_MATH, "2.5"), sample("Answer: 3", "three", rm_type="dapo")]
+    outcomes = await hub.score_batch(mixed)
+    assert [o.value for o in outcomes[:5]] == [0, 1, 1, 0, 1] and all(o.ok for o in outcomes[:5])
+    assert (
+        outcomes[5].value == 0 and outcomes[5].error is not None and outcomes[5].error.startswith("timeout")
+    )
+    assert (
+        outcomes[6].value == {"score": -1.0, "acc": False, "pred": ""}
+        and "integer label" in outcomes[6].error
+    )
+    assert await hub.score_batch([]) == []
+
+
 async def test_custom_reward_module_loaded_by_path(pool: GraderPool) -> None:
     path = "tests.reward_model.custom_rewards.exact_match"
     hub = RewardHub(parse_args(["--rm-type", "math", "--custom-rm-path", path]), pool=pool)

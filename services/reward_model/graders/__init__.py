@@ -39,6 +39,11 @@ def grade(rm_type: str, response: str, label: str | float | int | None) -> Rewar
     return grader(response, label)
 
 
+def grade_many(items: list[tuple[str, str, str | float | int | None]]) -> list[Reward]:
+    """:func:`grade` of each ``(rm_type, response, label)``: a grader worker's one round trip for many items."""
+    return [grade(rm_type, response, label) for rm_type, response, label in items]
+
+
 def failure_reward(rm_type: str) -> Reward:
     """The reward of an item whose grading failed: the grader's own "wrong answer" value, never better."""
     _, base = split_boxed(rm_type)
