@@ -16,6 +16,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from services.core.sample import Sample
 from services.core.upstream import UpstreamError, UpstreamPool
 
@@ -101,7 +103,11 @@ async def _post_generate(args: Any, url: str, payload: dict[str, Any]) -> Any:
     if response.status >= 400:
         text = body[:300].decode("utf-8", "replace")
         raise RouterError(f"router {url}/generate answered {response.status}: {text}")
-    return json.loads(body)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # Python's json also reads the NaN and ±Infinity an engine may write for a log-prob; orjson refuses them.
+        return json.loads(body)
 
 
 def _image_data(part: dict[str, Any]) -> str:
@@ -176,8 +182,15 @@ async def generate_fresh_batch(
             raise ValueError(f"sample {sample.uid}: a batched generate takes fresh samples only")
         if not is_text_only(sample):
             raise ValueError(f"sample {sample.uid}: a batched generate takes text-only prompts")
+    # A group's samples share their prompt: tokenized once.
+    tokenized: dict[bytes, list[int]] = {}
     for sample in samples:
+        key = orjson.dumps(sample.prompt)
+        if key in tokenized:
+            sample.tokens = list(tokenized[key])
+            continue
         _tokenize_prompt(args, sample)
+        tokenized[key] = list(sample.tokens)
     payload = {
         "input_ids": [list(sample.tokens) for sample in samples],
         "sampling_params": [dict(params) for params in sampling_params],

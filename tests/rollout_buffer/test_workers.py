@@ -258,8 +258,18 @@ def _engine_counts(engine_url: str) -> tuple[float, float]:
 
 
 async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
-    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client
+    stack: dict[str, str], redis_server: EmbeddedRedis, redis_client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from rollout_buffer import generate
+
+    tokenized: list[str] = []
+    tokenize = generate._tokenize_prompt
+
+    def counting(args, sample):  # noqa: ANN001, ANN202 - the wrapped function's signature
+        tokenized.append(sample.prompt)
+        return tokenize(args, sample)
+
+    monkeypatch.setattr(generate, "_tokenize_prompt", counting)
     args = parse_args(_worker_argv(stack, redis_server.url))
     store = BufferStore(redis_client, StoreLimits())
     # A partial sample (continued on its own) first, then four fresh ones (one batched request).
@@ -291,6 +301,10 @@ async def test_fresh_samples_of_a_group_go_as_one_batch_and_keep_their_order(
         assert sample.status == Sample.Status.TRUNCATED and isinstance(sample.reward, float)
     # Sampled independently: the four answers to one prompt are not all the same.
     assert len({tuple(s.tokens) for s in samples[1:]}) > 1
+    # The shared prompt was tokenized once for the batch, and every sample starts with its tokens.
+    assert tokenized.count("1+2=") == 1
+    prompt_tokens = samples[1].tokens[: len(samples[1].tokens) - 6]
+    assert all(s.tokens[: len(prompt_tokens)] == prompt_tokens for s in samples[1:])
 
 
 async def test_a_seeded_group_gives_each_sample_its_own_seed(
