@@ -232,6 +232,16 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def move_slots(self, src: list[int], dst: list[int], length: int) -> None:
+        """Copy slots ``src`` into slots ``dst`` (two disjoint sets), the first ``length`` positions of each."""
+        if len(src) == 1:
+            self.move_slot(src[0], dst[0], length)
+            return
+        src_index = torch.tensor(src, device=self.k.device)
+        dst_index = torch.tensor(dst, device=self.k.device)
+        for cache in (self.k, self.v):
+            cache[:, dst_index, :, :length] = cache[:, src_index, :, :length]
+
     def store_stage(self, slot: int, stage: StageCache, length: int) -> None:
         self.k[:, slot, :, :length] = stage.k[:, :, :length]
         self.v[:, slot, :, :length] = stage.v[:, :, :length]

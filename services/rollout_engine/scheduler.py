@@ -320,12 +320,21 @@ class Scheduler:
 
     def _remove_running(self, seq: Sequence) -> None:
         """Keep running sequences in slots ``0..n-1``: the last one moves into the freed slot."""
-        index = self.running.index(seq)
-        last = self.running.pop()
-        if last is not seq:
-            if self.kv is not None:
-                self.kv.move_slot(len(self.running), index, last.num_computed)
-            self.running[index] = last
+        self._remove_running_many([seq])
+
+    def _remove_running_many(self, done: list[Sequence]) -> None:
+        """Take ``done`` out of the running batch at once: the survivors beyond the new batch size move into the
+        freed slots below it, in one copy (one at a time, a step's finishers moved survivors that were finishing too).
+        """
+        gone = {id(seq) for seq in done}
+        size = len(self.running) - sum(id(seq) in gone for seq in self.running)
+        holes = [i for i in range(size) if id(self.running[i]) in gone]
+        movers = [i for i in range(size, len(self.running)) if id(self.running[i]) not in gone]
+        if movers and self.kv is not None:
+            self.kv.move_slots(movers, holes, max(self.running[i].num_computed for i in movers))
+        for hole, mover in zip(holes, movers, strict=True):
+            self.running[hole] = self.running[mover]
+        del self.running[size:]
 
     def _emit(self, seq: Sequence) -> None:
         snapshot = Snapshot(
@@ -423,6 +432,7 @@ class Scheduler:
         if inter_token is not None:
             # Every running sequence waited the same step for its token: one observation per decode step.
             metrics.ITL.observe(inter_token)
+        self._remove_running_many([seq for seq, _ in finished])
         for seq, reason in finished:
             self._finish(seq, reason)
         for seq in samplers:
