@@ -192,21 +192,16 @@ class RewardHub:
             items = [(types[i], samples[i].response or "", samples[i].label) for i in indices]
             try:
                 values = await self.pool.run(grade_many, items)
+                scored = [ScoredReward(value) for value in values]
             except (GraderTimeout, GraderFailed):
                 # An item of the chunk hung or raised: grade each alone, so that only that one fails.
                 for i in indices:
                     outcomes[i] = await self.score(samples[i], rm_type=types[i])
                 return
             except PoolClosed as exc:
-                values = None
-                failure = f"shutting_down: {exc}"
+                scored = [ScoredReward(failure_reward(types[i]), f"shutting_down: {exc}") for i in indices]
             seconds = (time.perf_counter() - start) / len(indices)
-            for k, i in enumerate(indices):
-                outcome = (
-                    ScoredReward(failure_reward(types[i]), failure)
-                    if values is None
-                    else ScoredReward(values[k])
-                )
+            for i, outcome in zip(indices, scored, strict=True):
                 self._record(types[i], outcome, seconds)
                 outcomes[i] = outcome
 

@@ -559,24 +559,16 @@ class TrainWorker:
             "returns": local.returns,
             "rollout_log_probs": local.rollout_log_probs,
         }
-        # Each quantity concatenated over the samples: every sample's masked mean comes from one segment sum (a
-        # per-sample loop was thousands of tiny ops, a tenth of a small model's training step on CPU).
+        # Each quantity concatenated over the samples and reduced as the loss is (a per-sample loop was thousands
+        # of tiny ops, a tenth of a small model's training step on CPU).
         flat = {name: _cat_double(values) for name, values in series.items() if values is not None}
         if "log_probs" in flat and "rollout_log_probs" in flat:
             flat["train_rollout_logprob_abs_diff"] = (flat["log_probs"] - flat["rollout_log_probs"]).abs()
         if "log_probs" in flat and "ref_log_probs" in flat:
             flat["kl"] = flat["log_probs"] - flat["ref_log_probs"]
         names = list(flat)
-        sums = [0.0] * len(names)
-        if local.loss_masks:
-            masks = _cat_double(local.loss_masks)
-            sample_of = torch.repeat_interleave(
-                torch.arange(len(local.loss_masks), device=masks.device),
-                torch.tensor([len(m) for m in local.loss_masks], device=masks.device),
-            )
-            zeros = masks.new_zeros(len(local.loss_masks))
-            counts = zeros.index_add(0, sample_of, masks).clamp_min(1)
-            sums = [float((zeros.index_add(0, sample_of, flat[n] * masks) / counts).sum()) for n in names]
+        sum_of_sample_means = make_reducer(local.loss_masks, per_token=False)
+        sums = [float(sum_of_sample_means(flat[name])) for name in names]
         totals = self._all_reduce([*sums, len(local.tokens)])
         count = max(totals[-1], 1.0)
         return {name: total / count for name, total in zip(names, totals[:-1], strict=True)}
