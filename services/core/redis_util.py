@@ -283,10 +283,11 @@ class StreamQueue:
         return _text(entry_id)
 
     async def add_many(self, items: Sequence[Mapping[str, FieldValue]]) -> list[str]:
-        """Append entries in one round trip (a pipeline, not a transaction); returns their ids in order."""
+        """Append entries in one round trip, atomically (MULTI/EXEC): a consumer blocked on the stream wakes once, to
+        all of them, instead of to the first entry alone. Returns their ids in order."""
         for fields in items:
             self._check_fields(fields)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             for fields in items:
                 pipe.xadd(self.stream, dict(fields), maxlen=self.maxlen, approximate=self.approximate)
             ids = await pipe.execute()

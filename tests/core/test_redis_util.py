@@ -130,6 +130,32 @@ async def test_add_read_ack(queue: StreamQueue) -> None:
         await queue.add({})
 
 
+async def test_a_blocked_consumer_wakes_to_the_whole_batch(
+    redis_server: EmbeddedRedis, queue: StreamQueue
+) -> None:
+    """A worker waiting on the stream gets every entry of one ``add_many`` in its first read (a rollout's groups
+    start together), not the first entry alone followed by the rest."""
+    await queue.ensure_group()
+    reader = redis_from_url(redis_server.url)
+    try:
+        waiting = StreamQueue(reader, queue.stream, queue.group)
+        for _ in range(5):
+            read = asyncio.create_task(waiting.read("w", count=100, block_ms=2000))
+            # The read is blocked in Redis once the server counts a blocked client.
+            for _ in range(200):
+                if int((await queue.redis.info("clients"))["blocked_clients"]) == 1:
+                    break
+                await asyncio.sleep(0.005)
+            else:
+                pytest.fail("the consumer never blocked on the stream")
+            ids = await queue.add_many([{"i": str(i)} for i in range(16)])
+            entries = await read
+            assert [e.id for e in entries] == ids
+            await queue.ack(ids)
+    finally:
+        await reader.aclose()
+
+
 async def test_entries_added_before_the_group_exists_are_delivered(client: aioredis.Redis) -> None:
     q = StreamQueue(client, "early", "g")
     entry_id = await q.add({"x": "1"})

@@ -99,6 +99,11 @@ class TorchTrainer:
         self._sync_port: int | None = None
         self._sync_engines: tuple[str, ...] = ()
         self._offloaded = False
+        # Kept across weight syncs (keep-alive connections): the pause, flush and resume calls around every push,
+        # and the version published to the router.
+        self._engine_clients: dict[str, EngineClient] = {}
+        self._router_client: httpx.Client | None = None
+        self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
         self.actor = self._actor_group(args)
         self.critic: WorkerGroup | None = None
         try:
@@ -278,10 +283,10 @@ class TorchTrainer:
         self.weight_version += 1
         version = str(self.weight_version)
         start = time.perf_counter()
-        clients = [EngineClient(url, auth_token=self.args.auth_token) for url in engines]
+        clients = self._clients_for(engines)
         try:
             try:
-                _on_all(clients, "pause_generation")
+                self._on_all(clients, "pause_generation")
                 report: WeightPushReport = self.actor.call(
                     "push_weights",
                     WeightPushRequest(
@@ -293,23 +298,22 @@ class TorchTrainer:
                         auth_token=self.args.auth_token,
                     ),
                 )[0]
-                _on_all(clients, "flush_cache")
+                self._on_all(clients, "flush_cache")
             except BaseException:
                 # No engine may stay paused because another one failed; the first error is the one raised.
-                for error in _on_all(clients, "continue_generation", raise_errors=False):
+                for error in self._on_all(clients, "continue_generation", raise_errors=False):
                     logger.warning("resuming generation after a failed weight sync: %s", error)
                 raise
-            _on_all(clients, "continue_generation")
+            self._on_all(clients, "continue_generation")
             if router_url is not None:
-                publish_weight_version(router_url, version, auth_token=self.args.auth_token)
+                if self._router_client is None:
+                    self._router_client = router_client(self.args.auth_token)
+                publish_weight_version(router_url, version, client=self._router_client)
         except BaseException:
             # The push that retries this one (after an engine restart) delivers the same version: versions count
             # the pushes that went through, which is what the samples' staleness is measured in.
             self.weight_version -= 1
             raise
-        finally:
-            for client in clients:
-                client.close()
         sync = WeightSyncReport(
             transport=transport,
             version=version,
@@ -331,7 +335,33 @@ class TorchTrainer:
         )
         return sync
 
+    def _clients_for(self, engines: Sequence[str]) -> list[EngineClient]:
+        """The kept client of each engine; clients of engines no longer pushed to are closed."""
+        for url in set(self._engine_clients) - set(engines):
+            self._engine_clients.pop(url).close()
+        for url in engines:
+            if url not in self._engine_clients:
+                self._engine_clients[url] = EngineClient(url, auth_token=self.args.auth_token)
+        return [self._engine_clients[url] for url in engines]
+
+    def _on_all(
+        self, clients: Sequence[EngineClient], method: str, *, raise_errors: bool = True
+    ) -> list[BaseException]:
+        """Call ``method`` on every engine at once; raise the first error, or return them all."""
+        futures = [self._calls.submit(getattr(client, method)) for client in clients]
+        errors = [error for error in (f.exception() for f in futures) if error is not None]
+        if errors and raise_errors:
+            raise errors[0]
+        return errors
+
     def close(self) -> None:
+        for client in self._engine_clients.values():
+            client.close()
+        self._engine_clients.clear()
+        if self._router_client is not None:
+            self._router_client.close()
+            self._router_client = None
+        self._calls.shutdown(wait=False)
         if self.critic is not None:
             self.critic.close()
             self.critic = None
@@ -354,29 +384,27 @@ def _merge(per_rank: list[dict[int, list[float]]], size: int) -> list[list[float
     return [merged[i] for i in range(size)]
 
 
-def _on_all(
-    clients: Sequence[EngineClient], method: str, *, raise_errors: bool = True
-) -> list[BaseException]:
-    """Call ``method`` on every engine at once; raise the first error, or return them all."""
-    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
-        futures = [pool.submit(getattr(client, method)) for client in clients]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors and raise_errors:
-        raise errors[0]
-    return errors
-
-
-def publish_weight_version(router_url: str, version: str, *, auth_token: str | None = None) -> None:
-    """Tell the router which weight version is current, so engines behind it are held back as stale."""
+def router_client(auth_token: str | None = None) -> httpx.Client:
+    """An HTTP client for the router's control calls (bearer token when the stack has one)."""
     headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
-    response = httpx.post(
-        f"{router_url.rstrip('/')}/set_weight_version",
-        json={"weight_version": version},
-        headers=headers,
-        timeout=30.0,
-        verify=tls_context(),
-        trust_env=False,
-    )
+    return httpx.Client(headers=headers, timeout=30.0, verify=tls_context(), trust_env=False)
+
+
+def publish_weight_version(
+    router_url: str, version: str, *, client: httpx.Client | None = None, auth_token: str | None = None
+) -> None:
+    """Tell the router which weight version is current, so engines behind it are held back as stale."""
+    own = client is None
+    client = router_client(auth_token) if client is None else client
+    try:
+        response = client.post(
+            f"{router_url.rstrip('/')}/set_weight_version", json={"weight_version": version}
+        )
+    except httpx.HTTPError as exc:
+        raise RuntimeError(f"router {router_url}: publishing weight version {version} failed: {exc}") from exc
+    finally:
+        if own:
+            client.close()
     if response.status_code >= 400:
         raise RuntimeError(
             f"router {router_url}: publishing weight version {version} -> HTTP {response.status_code}: {response.text[:300]}"
