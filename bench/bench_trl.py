@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.core.supervisor import usable_cpus  # noqa: E402
 from trainer.quickstart.task import QUICKSTART as TASK  # noqa: E402
 from trainer.quickstart.task import Problem  # noqa: E402
 
@@ -57,6 +58,8 @@ class Settings:
     seed: int
     kl_coef: float
     quickstart_dir: Path
+    # Rollout engines of the embedded stack (the demo's two unless --engines says otherwise).
+    engines: int = 2
 
 
 @dataclass
@@ -189,6 +192,7 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, comman
         "--lr-decay-style", "constant",  # the same schedule as TRL's lr_scheduler_type
         "--kl-loss-coef", str(settings.kl_coef),
         "--seed", str(settings.seed),
+        "--rollout-num-gpus", str(settings.engines),
         "--eval-interval", "0",
         "--output-dir", str(out),
         "--run-id", "bench-trl",
@@ -200,9 +204,9 @@ def run_slime(settings: Settings, work: Path, held_out: list[Problem], *, comman
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     if command == "train-async":
-        # The trainer trains while the engines generate: one core for it, the rest for the engines. `slime train`
-        # trains while they wait, on every core (as TRL does, in one process).
-        env["OMP_NUM_THREADS"] = "1"
+        # The trainer trains while the engines generate: half the cores for it (one of two), the rest for the
+        # engines. `slime train` trains while they wait, on every core (as TRL does, in one process).
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // 2))
     else:
         env.pop("OMP_NUM_THREADS", None)
     start = time.perf_counter()
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quickstart-dir", type=Path, default=QUICKSTART_DIR, help="Model and data to use.")
+    parser.add_argument(
+        "--engines", type=int, default=2, help="Rollout engines of slime's embedded stack (the demo runs 2)."
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=opts.seed,
         kl_coef=opts.kl_coef,
         quickstart_dir=opts.quickstart_dir,
+        engines=opts.engines,
     )
     # eval.jsonl is written from this split (tests/trainer/test_quickstart.py checks it).
     held_out = TASK.split()[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from services.core.process_group import training_backend
+from services.core.supervisor import usable_cpus
 from trainer import checkpoint
 from trainer.algorithms.advantages import AdvantageConfig, compute_advantages_and_returns
 from trainer.algorithms.logprobs import response_log_probs
@@ -166,7 +166,7 @@ class TrainWorker:
             if self.device.type == "cpu":
                 # Ranks share the host's cores; oversubscribed thread pools slow every rank down (torchrun
                 # likewise defaults each process to a share of the cores).
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+                torch.set_num_threads(max(1, usable_cpus() // world_size))
             backend = training_backend(args.distributed_backend, self.device)
             dist.init_process_group(
                 backend,
