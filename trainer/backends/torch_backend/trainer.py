@@ -103,7 +103,8 @@ class TorchTrainer:
         # and the version published to the router.
         self._engine_clients: dict[str, EngineClient] = {}
         self._router_client: httpx.Client | None = None
-        self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="engine-call")
+        # Threads start as calls need them: one per engine that a sync reaches at once.
+        self._calls = ThreadPoolExecutor(max_workers=64, thread_name_prefix="engine-call")
         self.actor = self._actor_group(args)
         self.critic: WorkerGroup | None = None
         try:
