@@ -20,6 +20,14 @@ from trainer.backends.torch_backend import TorchTrainer
 from trainer.weight_sync.engine_client import EngineClient
 from trainer.weight_sync.transports import plan_buckets
 
+# The trainer and the engine compared here to float rounding (and bit for bit in true on-policy mode) both run on
+# CPU; on a CUDA host both would take GPU 0, where NCCL refuses two ranks on one device. The GPU weight sync (NCCL,
+# trainer and engines on their own GPUs) is tests/trainer/test_gpu.py.
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="CPU trainer against a CPU engine; GPU sync is in tests/trainer/test_gpu.py",
+)
+
 PROMPTS = ([5, 17, 33, 2, 9], [100, 4, 8, 61])
 
 
