@@ -17,6 +17,7 @@ from pathlib import Path
 from services.core.embedded_redis import EmbeddedRedis
 from services.core.net import free_port
 from services.core.supervisor import ServiceProcess, usable_cpus
+from trainer.backends.placement import engine_cuda_visible_devices
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +107,16 @@ class EmbeddedStack:
         target = getattr(args, "sglang_passthrough", {}).get("rl_on_policy_target")
         if target is not None:
             argv += ["--sglang-rl-on-policy-target", str(target)]
-        env = {"OMP_NUM_THREADS": str(self.engine_threads)} if self.engine_threads else None
+        env = {"OMP_NUM_THREADS": str(self.engine_threads)} if self.engine_threads else {}
+        devices = engine_cuda_visible_devices(args, index)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
         return ServiceProcess(
             f"engine-{index}",
             argv,
             health_url=f"http://127.0.0.1:{port}/health",
             log_path=self.log_dir / f"engine-{index}.log",
-            env=env,
+            env=env or None,
         )
 
     def router_process(self, port: int, engine_urls: list[str], common: list[str]) -> ServiceProcess:

@@ -22,6 +22,7 @@ from services.core.plugins import load_function
 from services.core.redis_util import key as redis_key
 from services.core.redis_util import redis_from_url
 from services.core.sample import Sample
+from trainer.backends.placement import cuda_devices, engines_share_trainer_gpus
 from trainer.data import DatasetKeys, PromptDataset, RolloutDataSource
 from trainer.driver import ASYNC, output_dir, run_in_background
 from trainer.embedded import EmbeddedStack, StackAddresses, default_engine_threads
@@ -72,6 +73,7 @@ class RLRun:
         self.status: TrainerStatusServer | None = None
         self.history: list[dict[str, Any]] = []
         self.engines_needing_sync = False
+        self._shared_gpu_noted = False
         self.restarts = 0
         self.last_synced: tuple[str, ...] = ()
         self.engine_memory: EngineMemory | None = None
@@ -540,12 +542,12 @@ class RLRun:
         }
 
     def _push_to(self, engines: list[str]) -> Any:
-        transport = self.args.weight_sync_transport
+        transport = self._weight_transport()
 
         def push() -> Any:
             return self.trainer.update_weights(
                 engines,
-                transport=None if transport == "auto" else transport,
+                transport=transport,
                 disk_dir=self.args.weight_sync_dir,
                 router_url=self.addresses.router_url,
                 reconnect=self.engines_needing_sync,
@@ -553,6 +555,26 @@ class RLRun:
 
         memory = self.engine_memory
         return push() if memory is None else memory.push_weights(engines, self.trainer, push)
+
+    def _weight_transport(self) -> str | None:
+        """``--weight-sync-transport``; for ``auto`` the trainer's default (CUDA IPC colocated, NCCL otherwise),
+        except where the embedded engines had to share the trainer's GPUs (too few for slime's layout): an NCCL
+        group cannot hold two ranks on one GPU, so the weights go over CUDA IPC, as colocated."""
+        transport = self.args.weight_sync_transport
+        if transport != "auto":
+            return transport
+        stack = self.stack
+        local_only = stack is not None and bool(stack.engines) and not stack.external_engine_urls
+        if not (local_only and engines_share_trainer_gpus(self.args)):
+            return None
+        if not self._shared_gpu_noted:
+            logger.info(
+                "the engines share the trainer's GPUs (%d visible, not enough for --actor-num-gpus-per-node plus "
+                "--rollout-num-gpus): weights go over CUDA IPC (the tensor transport)",
+                cuda_devices(),
+            )
+            self._shared_gpu_noted = True
+        return "tensor"
 
     def _engines_down(self) -> bool:
         return self.stack is not None and not all(engine.alive() for engine in self.stack.engines)

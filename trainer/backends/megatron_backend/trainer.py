@@ -9,6 +9,7 @@ from typing import Any
 
 from trainer.backends.megatron_backend import convert
 from trainer.backends.megatron_backend.config import pipeline_split_flags, recompute_config_kwargs
+from trainer.backends.placement import actor_gpu_offset, critic_gpu_offset
 from trainer.backends.torch_backend.group import WorkerGroup
 from trainer.backends.torch_backend.trainer import TorchTrainer
 from trainer.backends.torch_backend.worker import ACTOR, CRITIC
@@ -111,17 +112,6 @@ class MegatronWorkerGroup(WorkerGroup):
         super().__init__(args, role=role, world_size=world_size, gpu_offset=gpu_offset)
 
 
-def actor_gpu_offset(args: Any) -> int:
-    """The first GPU of the actor: after the rollout engines' when the host has GPUs for both and they are not
-    colocated (an NCCL weight-sync group cannot have two ranks on one GPU), else 0."""
-    import torch
-
-    engines = 0 if args.colocate or args.rollout_num_gpus is None else args.rollout_num_gpus
-    if engines and torch.cuda.device_count() >= engines + args.actor_num_gpus_per_node:
-        return engines
-    return 0
-
-
 class MegatronTrainer(TorchTrainer):
     """The Megatron backend (``--train-backend megatron``), with ``TorchTrainer``'s sequencing, checkpoint layout
     and weight-sync protocol."""
@@ -139,13 +129,6 @@ class MegatronTrainer(TorchTrainer):
     def _critic_group(self, args: Any) -> WorkerGroup:
         """The critic's Megatron ranks (same parallel layout as the actor): after the actor's GPUs when the host
         has enough, else on the actor's."""
-        import torch
-
-        actor = actor_gpu_offset(args) + args.actor_num_gpus_per_node
-        spare = torch.cuda.device_count() >= actor + args.critic_num_gpus_per_node
         return MegatronWorkerGroup(
-            args,
-            role=CRITIC,
-            world_size=args.critic_num_gpus_per_node,
-            gpu_offset=actor if spare else actor_gpu_offset(args),
+            args, role=CRITIC, world_size=args.critic_num_gpus_per_node, gpu_offset=critic_gpu_offset(args)
         )

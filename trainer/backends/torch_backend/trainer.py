@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import torch
 
 from services.core.net import free_port, tls_context
 from trainer import checkpoint
 from trainer.backends.batch import RolloutBatch
+from trainer.backends.placement import actor_gpu_offset, critic_gpu_offset
 from trainer.backends.torch_backend.group import WorkerGroup
 from trainer.backends.torch_backend.worker import ACTOR, CRITIC, WeightPushReport, WeightPushRequest
 from trainer.weight_sync.engine_client import EngineClient
@@ -115,15 +115,18 @@ class TorchTrainer:
             raise
 
     def _actor_group(self, args: Any) -> WorkerGroup:
-        """The actor's ranks (the Megatron backend starts its own kind)."""
-        return WorkerGroup(args, role=ACTOR, world_size=args.actor_num_gpus_per_node)
+        """The actor's ranks (the Megatron backend starts its own kind): after the embedded engines' GPUs when the
+        host has GPUs for both (``trainer.backends.placement``)."""
+        return WorkerGroup(
+            args, role=ACTOR, world_size=args.actor_num_gpus_per_node, gpu_offset=actor_gpu_offset(args)
+        )
 
     def _critic_group(self, args: Any) -> WorkerGroup:
         """The critic's ranks: on the GPUs after the actor's when the host has enough (slime gives it its own), else
         on the actor's."""
-        actor_gpus, critic_gpus = args.actor_num_gpus_per_node, args.critic_num_gpus_per_node
-        spare = torch.cuda.is_available() and torch.cuda.device_count() >= actor_gpus + critic_gpus
-        return WorkerGroup(args, role=CRITIC, world_size=critic_gpus, gpu_offset=actor_gpus if spare else 0)
+        return WorkerGroup(
+            args, role=CRITIC, world_size=args.critic_num_gpus_per_node, gpu_offset=critic_gpu_offset(args)
+        )
 
     # ------------------------------------------------------------------------------------------ offload
     @property
