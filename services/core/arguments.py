@@ -1439,7 +1439,8 @@ def _add_service(group: argparse._ArgumentGroup) -> None:
         default="auto",
         choices=["auto", "distributed", "tensor", "disk"],
         help="How the trainer pushes weights to engines: a torch.distributed group (nccl/gloo), same-host tensor "
-        "handles (CUDA IPC / shared memory), or a shared directory; auto = tensor with --colocate, else distributed.",
+        "handles (CUDA IPC / shared memory), or a shared directory; auto = tensor with --colocate or where the "
+        "embedded engines share the trainer's GPUs (too few for both), else distributed.",
     )
     group.add_argument(
         "--weight-sync-dir",
