@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import statistics
 import time
@@ -73,7 +74,6 @@ class RLRun:
         self.status: TrainerStatusServer | None = None
         self.history: list[dict[str, Any]] = []
         self.engines_needing_sync = False
-        self._shared_gpu_noted = False
         self.restarts = 0
         self.last_synced: tuple[str, ...] = ()
         self.engine_memory: EngineMemory | None = None
@@ -542,7 +542,7 @@ class RLRun:
         }
 
     def _push_to(self, engines: list[str]) -> Any:
-        transport = self._weight_transport()
+        transport = self._weight_transport
 
         def push() -> Any:
             return self.trainer.update_weights(
@@ -556,6 +556,7 @@ class RLRun:
         memory = self.engine_memory
         return push() if memory is None else memory.push_weights(engines, self.trainer, push)
 
+    @functools.cached_property
     def _weight_transport(self) -> str | None:
         """``--weight-sync-transport``; for ``auto`` the trainer's default (CUDA IPC colocated, NCCL otherwise),
         except where the embedded engines had to share the trainer's GPUs (too few for slime's layout): an NCCL
@@ -567,13 +568,11 @@ class RLRun:
         local_only = stack is not None and bool(stack.engines) and not stack.external_engine_urls
         if not (local_only and engines_share_trainer_gpus(self.args)):
             return None
-        if not self._shared_gpu_noted:
-            logger.info(
-                "the engines share the trainer's GPUs (%d visible, not enough for --actor-num-gpus-per-node plus "
-                "--rollout-num-gpus): weights go over CUDA IPC (the tensor transport)",
-                cuda_devices(),
-            )
-            self._shared_gpu_noted = True
+        logger.info(
+            "the engines share the trainer's GPUs (%d visible, not enough for --actor-num-gpus-per-node plus "
+            "--rollout-num-gpus): weights go over CUDA IPC (the tensor transport)",
+            cuda_devices(),
+        )
         return "tensor"
 
     def _engines_down(self) -> bool:
