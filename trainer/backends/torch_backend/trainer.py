@@ -102,7 +102,10 @@ class TorchTrainer:
         # Kept across weight syncs (keep-alive connections): the pause, flush and resume calls around every push,
         # and the version published to the router.
         self._engine_clients: dict[str, EngineClient] = {}
-        self._router_client: httpx.Client | None = None
+        headers = {"Authorization": f"Bearer {args.auth_token}"} if args.auth_token else {}
+        self._router_client = httpx.Client(
+            headers=headers, timeout=30.0, verify=tls_context(), trust_env=False
+        )
         # Threads start as calls need them: one per engine that a sync reaches at once.
         self._calls = ThreadPoolExecutor(max_workers=64, thread_name_prefix="engine-call")
         self.actor = self._actor_group(args)
@@ -271,7 +274,8 @@ class TorchTrainer:
         ``transport``: ``distributed`` (default), ``tensor`` (default with ``--colocate``) or ``disk`` (needs
         ``disk_dir``, a path the engines can read). The sequence is: bump the version, pause generation on every
         engine, push, flush their caches, resume, then publish the version to ``router_url``; a push that raises
-        leaves the version where it was. ``reconnect`` rebuilds the distributed group (after an engine restarted).
+        leaves the version where it was. ``reconnect`` rebuilds the distributed group (after an engine restarted)
+        and the HTTP connections to the engines.
         """
         transport = transport or ("tensor" if self.args.colocate else "distributed")
         if transport not in TRANSPORTS:
@@ -287,6 +291,8 @@ class TorchTrainer:
         self.weight_version += 1
         version = str(self.weight_version)
         start = time.perf_counter()
+        if reconnect:
+            self._close_engine_clients()
         clients = self._clients_for(engines)
         try:
             try:
@@ -310,13 +316,13 @@ class TorchTrainer:
                 raise
             self._on_all(clients, "continue_generation")
             if router_url is not None:
-                if self._router_client is None:
-                    self._router_client = router_client(self.args.auth_token)
-                publish_weight_version(router_url, version, client=self._router_client)
+                publish_weight_version(self._router_client, router_url, version)
         except BaseException:
             # The push that retries this one (after an engine restart) delivers the same version: versions count
             # the pushes that went through, which is what the samples' staleness is measured in.
             self.weight_version -= 1
+            # An engine may have died mid-call: the retry starts on new connections.
+            self._close_engine_clients()
             raise
         sync = WeightSyncReport(
             transport=transport,
@@ -358,13 +364,14 @@ class TorchTrainer:
             raise errors[0]
         return errors
 
-    def close(self) -> None:
+    def _close_engine_clients(self) -> None:
         for client in self._engine_clients.values():
             client.close()
         self._engine_clients.clear()
-        if self._router_client is not None:
-            self._router_client.close()
-            self._router_client = None
+
+    def close(self) -> None:
+        self._close_engine_clients()
+        self._router_client.close()
         self._calls.shutdown(wait=False)
         if self.critic is not None:
             self.critic.close()
@@ -388,27 +395,14 @@ def _merge(per_rank: list[dict[int, list[float]]], size: int) -> list[list[float
     return [merged[i] for i in range(size)]
 
 
-def router_client(auth_token: str | None = None) -> httpx.Client:
-    """An HTTP client for the router's control calls (bearer token when the stack has one)."""
-    headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
-    return httpx.Client(headers=headers, timeout=30.0, verify=tls_context(), trust_env=False)
-
-
-def publish_weight_version(
-    router_url: str, version: str, *, client: httpx.Client | None = None, auth_token: str | None = None
-) -> None:
+def publish_weight_version(client: httpx.Client, router_url: str, version: str) -> None:
     """Tell the router which weight version is current, so engines behind it are held back as stale."""
-    own = client is None
-    client = router_client(auth_token) if client is None else client
     try:
         response = client.post(
             f"{router_url.rstrip('/')}/set_weight_version", json={"weight_version": version}
         )
     except httpx.HTTPError as exc:
         raise RuntimeError(f"router {router_url}: publishing weight version {version} failed: {exc}") from exc
-    finally:
-        if own:
-            client.close()
     if response.status_code >= 400:
         raise RuntimeError(
             f"router {router_url}: publishing weight version {version} -> HTTP {response.status_code}: {response.text[:300]}"
