@@ -4,9 +4,9 @@ threads, in one invocation.
 
     python bench/bench_step_floor.py [--rounds 3] [--steps 8]
 
-The batch is the demo's: 16 training prompts of ``examples/quickstart`` through the chat template, 8 answers each
-(the boxed answer and the end-of-turn token, half of them off by one), rewards 1 for a right answer and 0 for a
-wrong one.
+The batch is the demo's: the first 16 prompts of ``examples/quickstart/train.jsonl`` through the chat template,
+8 answers each (the boxed answer and the end-of-turn token, half of them off by one), rewards 1 for a right answer
+and 0 for a wrong one.
 
 - slime: ``TorchTrainer.train_step`` with the demo's flags (``trainer.demo.demo_flags``): a group's prompt packed
   once with its 8 answers attending to it, the reference model's pass, the GRPO loss with the ``low_var_kl`` loss,
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -36,24 +37,26 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.quickstart.task import QUICKSTART, Problem, boxed  # noqa: E402
+from trainer.quickstart.task import boxed  # noqa: E402
 
 PROMPTS = 16
 GROUP = 8
 KL_COEF = 0.05
 
 
-def demo_samples(tokenizer, problems: list[Problem]) -> tuple[list[list[int]], list[int], list[float]]:
-    """(tokens, response lengths, rewards) of 8 answers to each problem, half of them off by one."""
-    from trainer.quickstart.evaluate import chat_prompt
-
+def demo_samples(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list[int], list[float]]:
+    """(tokens, response lengths, rewards) of 8 answers to each prompt row (``{"prompt", "label"}`` of
+    ``train.jsonl``), through the chat template as the demo's engines see them, half of the answers off by one."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokens, lengths, rewards = [], [], []
-    for problem in problems:
-        prompt = tokenizer(chat_prompt(tokenizer, problem), add_special_tokens=False)["input_ids"]
+    for row in rows:
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
         for k in range(GROUP):
             right = k % 2 == 0
-            text = boxed(problem.answer + (0 if right else 1))
+            text = boxed(int(row["label"]) + (0 if right else 1))
             response = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
             tokens.append([*prompt, *response])
             lengths.append(len(response))
@@ -108,6 +111,16 @@ class PaddedStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def timed(fn, n: int) -> float:
+    """Median seconds of ``n`` calls of ``fn``."""
+    seconds = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -126,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = opts.quickstart_dir / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train, _ = QUICKSTART.split()
-    tokens, lengths, rewards = demo_samples(tokenizer, train[:PROMPTS])
+    lines = (opts.quickstart_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    tokens, lengths, rewards = demo_samples(tokenizer, [json.loads(line) for line in lines[:PROMPTS]])
     batch = RolloutBatch(
         tokens=tokens, response_lengths=lengths, rewards=rewards, loss_masks=[[1] * n for n in lengths]
     )
@@ -140,14 +153,6 @@ def main(argv: list[str] | None = None) -> int:
             nonlocal step_id
             trainer.train_step(batch, rollout_id=step_id)
             step_id += 1
-
-        def timed(fn, n: int) -> float:
-            seconds = []
-            for _ in range(n):
-                start = time.perf_counter()
-                fn()
-                seconds.append(time.perf_counter() - start)
-            return statistics.median(seconds)
 
         for fn in (slime_step, padded):
             timed(fn, 2)
