@@ -141,7 +141,8 @@ class RolloutWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume tasks until ``stop`` is set; unfinished tasks stay pending for another worker to reclaim."""
-        await self.queue.ensure_group()
+        # Listed in the group from the start, so that the other workers leave it its share of the first rollout.
+        await self.queue.register(self.consumer)
         logger.info("rollout worker %s consuming %s", self.consumer, self.queue.stream)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         next_reclaim = 0.0
@@ -158,7 +159,8 @@ class RolloutWorker:
                     entries = await self._reclaim(free)
                     next_reclaim = time.monotonic() + self.reclaim_idle_ms / 4000
                 if len(entries) < free:
-                    entries += await self.queue.read(
+                    # No more than this worker's share of a rollout's tasks, so that several workers split it.
+                    entries += await self.queue.read_share(
                         self.consumer, count=free - len(entries), block_ms=None if entries else 1000
                     )
                 for entry in entries:

@@ -8,6 +8,7 @@ resulting retries harmless. See docs/redis.md for the key layout and the semanti
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +37,9 @@ SOCKET_TIMEOUT_S = 5.0
 # A blocking read is cut into slices shorter than the socket timeout, so a long wait is never mistaken for a
 # dead connection and a cancelled reader returns promptly.
 BLOCK_SLICE_MS = 1000
+# A consumer that has not read for this long is not counted among a group's live consumers. Consumers block in
+# slices of BLOCK_SLICE_MS, so a live one is never idle much longer than that.
+LIVE_CONSUMER_IDLE_MS = 30_000
 
 FieldValue = str | bytes | int | float
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -323,6 +327,74 @@ class StreamQueue:
             if entries or block is None:
                 return entries
             remaining -= block
+
+    async def read_share(
+        self,
+        consumer: str,
+        count: int,
+        block_ms: int | None = None,
+        *,
+        live_idle_ms: int = LIVE_CONSUMER_IDLE_MS,
+    ) -> list[StreamEntry]:
+        """Deliver up to ``count`` new entries to ``consumer``, but no more than its share of the outstanding work
+        when several consumers read the group, so that a batch added at once (``add_many``) is spread over them.
+
+        One entry is read first (waiting up to ``block_ms``): Redis serves the consumers blocked on the stream one
+        entry each, in the order they blocked. Then, without waiting, enough more to bring this consumer's pending
+        entries up to ``ceil((lag + pending of the live consumers) / live consumers)``, where ``lag`` is how many
+        entries no consumer has been delivered yet and a consumer is live when it read within ``live_idle_ms``:
+        a consumer still busy with earlier entries takes fewer. A consumer reading alone takes up to ``count`` (two
+        more round trips than ``read``); where Redis cannot tell the lag (before 7.0, or after entries were
+        deleted mid-stream) a consumer with live peers takes one entry per call.
+        """
+        if count <= 0:
+            raise ValueError(f"count must be positive, got {count!r}")
+        entries = await self.read(consumer, 1, block_ms)
+        if not entries or count == 1:
+            return entries
+        share = await self._share(consumer, count - 1, live_idle_ms)
+        if share > 0:
+            entries += await self.read(consumer, share)
+        return entries
+
+    async def live_consumers(self, live_idle_ms: int = LIVE_CONSUMER_IDLE_MS) -> list[str]:
+        """Names of the group's consumers that read within ``live_idle_ms`` (a consumer is listed once it has read
+        or been ``register``ed)."""
+        try:
+            consumers = await self.redis.xinfo_consumers(self.stream, self.group)
+        except ResponseError as exc:
+            if _is_nogroup(exc) or "no such key" in str(exc):
+                return []
+            raise
+        return [_text(c["name"]) for c in consumers if int(c["idle"]) <= live_idle_ms]
+
+    async def register(self, consumer: str) -> None:
+        """List ``consumer`` in the group before its first read (XGROUP CREATECONSUMER), so that it counts among
+        the live consumers from the start; the group is created if missing."""
+        await self.ensure_group()
+        await self.redis.xgroup_createconsumer(self.stream, self.group, consumer)
+
+    async def _share(self, consumer: str, most: int, live_idle_ms: int) -> int:
+        """How many more entries ``consumer`` should take (at most ``most``); see ``read_share``."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_consumers(self.stream, self.group)
+            pipe.xinfo_groups(self.stream)
+            consumers, groups = await pipe.execute(raise_on_error=False)
+        for reply in (consumers, groups):
+            if isinstance(reply, Exception):
+                if isinstance(reply, ResponseError) and (_is_nogroup(reply) or "no such key" in str(reply)):
+                    # The group or stream went away since the read (a Redis restart): the next read recreates it.
+                    return 0
+                raise reply
+        pending = {_text(c["name"]): int(c["pending"]) for c in consumers if int(c["idle"]) <= live_idle_ms}
+        pending.setdefault(consumer, 1)  # it has just read
+        if len(pending) == 1:
+            return most
+        lag = next((g.get("lag") for g in groups if _text(g["name"]) == self.group), None)
+        if lag is None:
+            return 0
+        fair = math.ceil((int(lag) + sum(pending.values())) / len(pending))
+        return max(0, min(most, fair - pending[consumer]))
 
     async def ack(self, ids: Iterable[str], *, delete: bool = False) -> int:
         """Acknowledge entries (and with ``delete=True`` remove them from the stream); returns how many were pending."""

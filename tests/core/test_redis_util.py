@@ -156,6 +156,79 @@ async def test_a_blocked_consumer_wakes_to_the_whole_batch(
         await reader.aclose()
 
 
+async def _wait_blocked(client: aioredis.Redis, n: int) -> None:
+    """Until the server counts ``n`` clients blocked (the reads are waiting in Redis)."""
+    for _ in range(400):
+        if int((await client.info("clients"))["blocked_clients"]) == n:
+            return
+        await asyncio.sleep(0.005)
+    pytest.fail(f"{n} consumers never blocked on the stream")
+
+
+async def _readers(url: str, queue: StreamQueue, names: list[str]) -> list[StreamQueue]:
+    readers = []
+    for name in names:
+        reader = StreamQueue(redis_from_url(url), queue.stream, queue.group)
+        await reader.register(name)
+        readers.append(reader)
+    return readers
+
+
+async def test_read_share_alone_takes_the_whole_batch_and_ignores_silent_consumers(
+    redis_server: EmbeddedRedis, queue: StreamQueue
+) -> None:
+    """A lone worker still starts a rollout's groups together; a consumer that stopped reading is not a peer."""
+    (reader,) = await _readers(redis_server.url, queue, ["w"])
+    await queue.register("gone")
+    await asyncio.sleep(0.06)
+    try:
+        read = asyncio.create_task(reader.read_share("w", 64, block_ms=2000, live_idle_ms=40))
+        await _wait_blocked(queue.redis, 1)
+        ids = await queue.add_many([{"i": str(i)} for i in range(16)])
+        assert [e.id for e in await read] == ids
+        assert await queue.live_consumers(live_idle_ms=40) == ["w"]
+        assert sorted(await queue.live_consumers()) == ["gone", "w"]
+    finally:
+        await reader.redis.aclose()
+
+
+async def test_read_share_splits_a_batch_between_waiting_consumers(
+    redis_server: EmbeddedRedis, queue: StreamQueue
+) -> None:
+    """Two workers waiting when 16 tasks arrive at once take 8 each (``add_many`` alone would give the first to
+    wake all 16); a worker still holding earlier tasks takes fewer."""
+    readers = await _readers(redis_server.url, queue, ["a", "b"])
+    try:
+        for _ in range(3):
+            reads = [
+                asyncio.create_task(r.read_share(n, 64, block_ms=2000))
+                for r, n in zip(readers, "ab", strict=True)
+            ]
+            await _wait_blocked(queue.redis, 2)
+            ids = await queue.add_many([{"i": str(i)} for i in range(16)])
+            a, b = [[e.id for e in entries] for entries in await asyncio.gather(*reads)]
+            assert (len(a), len(b)) == (8, 8)
+            assert sorted(a + b) == sorted(ids)
+            await queue.ack(ids)
+
+        # "a" still has 6 tasks in hand: of 10 new ones it takes 2 (8 outstanding each), "b" the other 8.
+        held = await queue.add_many([{"i": str(i)} for i in range(6)])
+        assert len(await readers[0].read("a", 6)) == 6
+        reads = [
+            asyncio.create_task(r.read_share(n, 64, block_ms=2000))
+            for r, n in zip(readers, "ab", strict=True)
+        ]
+        await _wait_blocked(queue.redis, 2)
+        ids = await queue.add_many([{"i": str(i)} for i in range(10)])
+        a, b = [[e.id for e in entries] for entries in await asyncio.gather(*reads)]
+        assert (len(a), len(b)) == (2, 8)
+        assert sorted(a + b) == sorted(ids)
+        assert await queue.pending_count() == len(held) + 10
+    finally:
+        for reader in readers:
+            await reader.redis.aclose()
+
+
 async def test_entries_added_before_the_group_exists_are_delivered(client: aioredis.Redis) -> None:
     q = StreamQueue(client, "early", "g")
     entry_id = await q.add({"x": "1"})

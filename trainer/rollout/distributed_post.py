@@ -4,7 +4,7 @@ slime's flag starts ``--num-gpus-per-node`` HTTP poster actors on every node and
 them round-robin, so that one process's event loop and connection pool do not bound a large rollout. Here the
 posting already happens in rollout workers that share the run's task stream (one Redis consumer group), so the
 flag decides how many worker processes the embedded stack starts (``--num-gpus-per-node``, each with its own
-HTTP client; Redis hands each task to one of them). Every rollout logs how many workers consume the stream
+HTTP client; each takes its share of a rollout's tasks, ``StreamQueue.read_share``). Every rollout logs how many workers consume the stream
 (``perf/rollout_workers``), and with the flag on the driver warns when one worker did all the posting (a
 deployed buffer started with a single worker).
 """
@@ -21,8 +21,6 @@ from rollout_buffer.tasks import task_queue
 
 logger = logging.getLogger(__name__)
 
-# A worker blocks on the stream for at most a second at a time, so one silent for this long is gone.
-LIVE_IDLE_MS = 30_000
 _WARNED_RUNS: set[str] = set()
 
 
@@ -55,17 +53,11 @@ def poster_count(args: argparse.Namespace) -> int:
 
 
 async def live_posters(redis: aioredis.Redis, run_id: str) -> Posters:
-    """The consumers of the run's task stream seen in the last ``LIVE_IDLE_MS``. Redis lists a consumer once it
-    has been delivered a task (before 7.0, a worker still waiting for its first task is not listed)."""
+    """The consumers of the run's task stream that read in the last ``LIVE_CONSUMER_IDLE_MS`` (a worker is listed
+    from its start)."""
     queue = task_queue(redis, run_id)
     await queue.ensure_group()
-    consumers = await redis.xinfo_consumers(queue.stream, queue.group)
-    names = [
-        c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-        for c in consumers
-        if int(c["idle"]) <= LIVE_IDLE_MS
-    ]
-    return Posters(tuple(sorted(names)))
+    return Posters(tuple(sorted(await queue.live_consumers())))
 
 
 def warn_if_single_poster(args: argparse.Namespace, posters: Posters, tasks: int) -> None:
