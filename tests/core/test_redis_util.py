@@ -165,12 +165,12 @@ async def _wait_blocked(client: aioredis.Redis, n: int) -> None:
     pytest.fail(f"{n} consumers never blocked on the stream")
 
 
-async def _readers(url: str, queue: StreamQueue, names: list[str]) -> list[StreamQueue]:
-    readers = []
+async def _readers(url: str, queue: StreamQueue, names: str) -> dict[str, StreamQueue]:
+    """A registered consumer of ``queue`` on its own connection per letter of ``names``."""
+    readers = {}
     for name in names:
-        reader = StreamQueue(redis_from_url(url), queue.stream, queue.group)
-        await reader.register(name)
-        readers.append(reader)
+        readers[name] = StreamQueue(redis_from_url(url), queue.stream, queue.group)
+        await readers[name].register(name)
     return readers
 
 
@@ -178,7 +178,7 @@ async def test_read_share_alone_takes_the_whole_batch_and_ignores_silent_consume
     redis_server: EmbeddedRedis, queue: StreamQueue
 ) -> None:
     """A lone worker still starts a rollout's groups together; a consumer that stopped reading is not a peer."""
-    (reader,) = await _readers(redis_server.url, queue, ["w"])
+    reader = (await _readers(redis_server.url, queue, "w"))["w"]
     await queue.register("gone")
     await asyncio.sleep(0.06)
     try:
@@ -192,40 +192,39 @@ async def test_read_share_alone_takes_the_whole_batch_and_ignores_silent_consume
         await reader.redis.aclose()
 
 
+async def _batch_to_waiting(
+    queue: StreamQueue, readers: dict[str, StreamQueue], size: int
+) -> list[list[str]]:
+    """Add ``size`` entries at once while every reader waits in ``read_share``; the ids each reader took, checked
+    to be every entry once."""
+    reads = [asyncio.create_task(r.read_share(name, 64, block_ms=2000)) for name, r in readers.items()]
+    await _wait_blocked(queue.redis, len(readers))
+    ids = await queue.add_many([{"i": str(i)} for i in range(size)])
+    taken = [[e.id for e in entries] for entries in await asyncio.gather(*reads)]
+    assert sorted(i for t in taken for i in t) == sorted(ids)
+    return taken
+
+
 async def test_read_share_splits_a_batch_between_waiting_consumers(
     redis_server: EmbeddedRedis, queue: StreamQueue
 ) -> None:
     """Two workers waiting when 16 tasks arrive at once take 8 each (``add_many`` alone would give the first to
     wake all 16); a worker still holding earlier tasks takes fewer."""
-    readers = await _readers(redis_server.url, queue, ["a", "b"])
+    readers = await _readers(redis_server.url, queue, "ab")
     try:
         for _ in range(3):
-            reads = [
-                asyncio.create_task(r.read_share(n, 64, block_ms=2000))
-                for r, n in zip(readers, "ab", strict=True)
-            ]
-            await _wait_blocked(queue.redis, 2)
-            ids = await queue.add_many([{"i": str(i)} for i in range(16)])
-            a, b = [[e.id for e in entries] for entries in await asyncio.gather(*reads)]
+            a, b = await _batch_to_waiting(queue, readers, 16)
             assert (len(a), len(b)) == (8, 8)
-            assert sorted(a + b) == sorted(ids)
-            await queue.ack(ids)
+            await queue.ack(a + b)
 
         # "a" still has 6 tasks in hand: of 10 new ones it takes 2 (8 outstanding each), "b" the other 8.
-        held = await queue.add_many([{"i": str(i)} for i in range(6)])
-        assert len(await readers[0].read("a", 6)) == 6
-        reads = [
-            asyncio.create_task(r.read_share(n, 64, block_ms=2000))
-            for r, n in zip(readers, "ab", strict=True)
-        ]
-        await _wait_blocked(queue.redis, 2)
-        ids = await queue.add_many([{"i": str(i)} for i in range(10)])
-        a, b = [[e.id for e in entries] for entries in await asyncio.gather(*reads)]
+        await queue.add_many([{"i": str(i)} for i in range(6)])
+        assert len(await readers["a"].read("a", 6)) == 6
+        a, b = await _batch_to_waiting(queue, readers, 10)
         assert (len(a), len(b)) == (2, 8)
-        assert sorted(a + b) == sorted(ids)
-        assert await queue.pending_count() == len(held) + 10
+        assert await queue.pending_count() == 6 + 10
     finally:
-        for reader in readers:
+        for reader in readers.values():
             await reader.redis.aclose()
 
 
