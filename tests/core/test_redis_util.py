@@ -180,13 +180,13 @@ async def test_read_share_alone_takes_the_whole_batch_and_ignores_silent_consume
     """A lone worker still starts a rollout's groups together; a consumer that stopped reading is not a peer."""
     reader = (await _readers(redis_server.url, queue, "w"))["w"]
     await queue.register("gone")
-    await asyncio.sleep(0.06)
+    await asyncio.sleep(0.5)
     try:
-        read = asyncio.create_task(reader.read_share("w", 64, block_ms=2000, live_idle_ms=40))
+        read = asyncio.create_task(reader.read_share("w", 64, block_ms=2000, live_idle_ms=300))
         await _wait_blocked(queue.redis, 1)
         ids = await queue.add_many([{"i": str(i)} for i in range(16)])
         assert [e.id for e in await read] == ids
-        assert await queue.live_consumers(live_idle_ms=40) == ["w"]
+        assert await queue.live_consumers(live_idle_ms=300) == ["w"]
         assert sorted(await queue.live_consumers()) == ["gone", "w"]
     finally:
         await reader.redis.aclose()

@@ -4,9 +4,9 @@ slime's flag starts ``--num-gpus-per-node`` HTTP poster actors on every node and
 them round-robin, so that one process's event loop and connection pool do not bound a large rollout. Here the
 posting already happens in rollout workers that share the run's task stream (one Redis consumer group), so the
 flag decides how many worker processes the embedded stack starts (``--num-gpus-per-node``, each with its own
-HTTP client; each takes its share of a rollout's tasks, ``StreamQueue.read_share``). Every rollout logs how many workers consume the stream
-(``perf/rollout_workers``), and with the flag on the driver warns when one worker did all the posting (a
-deployed buffer started with a single worker).
+HTTP client; each takes its share of a rollout's tasks, ``StreamQueue.read_share``). Every rollout logs how many
+workers consume the stream (``perf/rollout_workers``), and with the flag on the driver warns when one worker did
+all the posting (a deployed buffer started with a single worker).
 """
 
 from __future__ import annotations
@@ -55,9 +55,7 @@ def poster_count(args: argparse.Namespace) -> int:
 async def live_posters(redis: aioredis.Redis, run_id: str) -> Posters:
     """The consumers of the run's task stream that read in the last ``LIVE_CONSUMER_IDLE_MS`` (a worker is listed
     from its start)."""
-    queue = task_queue(redis, run_id)
-    await queue.ensure_group()
-    return Posters(tuple(sorted(await queue.live_consumers())))
+    return Posters(tuple(sorted(await task_queue(redis, run_id).live_consumers())))
 
 
 def warn_if_single_poster(args: argparse.Namespace, posters: Posters, tasks: int) -> None:
